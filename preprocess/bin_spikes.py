@@ -1,0 +1,260 @@
+"""``python -m preprocess.bin_spikes SOURCE --out URL``: spike-sort output -> recording store.
+
+SOURCE is a Kilosort/Phy folder, an NWB file or a binned .npz (detected, or forced
+with --format), as a path or any fsspec URL. The store is written with exact
+half-open bins and published atomically; see ``preprocess.store``.
+
+Large recordings are binned out of core: the spike files are memory-mapped and each
+block of bins (one Zarr shard) is counted with searchsorted + bincount and written by
+its own dask task, so writes never share a shard and memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from fractions import Fraction
+
+import dask
+import numpy as np
+from dask.callbacks import Callback
+from tqdm import tqdm
+
+from . import binning, sources
+from .errors import UsageError, UserError, run_cli, setup_logging
+from .store import StoreLayout, StoreWriter, count_dtype, open_array
+
+log = logging.getLogger("preprocess.bin_spikes")
+PROG = "python -m preprocess.bin_spikes"
+LOCAL_SCHEDULERS = ("threads", "processes", "synchronous")
+
+
+class CountOverflow(Exception):
+    """A bin exceeded the dtype chosen for counts: rewrite with a wider dtype."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line (exit 2)."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(
+        prog=PROG,
+        description="Bin spike-sorted units into a recording store (Zarr v3): exact half-open bins "
+                    "[k*b, (k+1)*b) from t = 0, published atomically.",
+        epilog="Examples:\n"
+               "  python -m preprocess.bin_spikes kilosort_out/ --out session.zarr --bin-size 0.01\n"
+               "  python -m preprocess.bin_spikes session.nwb --out s3://bucket/session.zarr \\\n"
+               "      --storage-options '{\"anon\": false}'\n"
+               "  python -m preprocess.bin_spikes binned.npz --out binned.zarr\n"
+               "Units: --units good keeps clusters labelled good; mua keeps good and mua; all keeps every "
+               "cluster with spikes (noise and unlabelled too). Spike times must be sorted (Kilosort writes "
+               "them sorted); unsorted input is refused, not silently sorted.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("source", metavar="SOURCE", help="Phy/Kilosort folder, .nwb file or binned .npz (path or URL)")
+    p.add_argument("--out", required=True, metavar="URL", help="where to write the store (path, memory://, s3://...)")
+    p.add_argument("--format", choices=("phy", "nwb", "npz"), help="force the source format (default: detect)")
+    p.add_argument("--bin-size", metavar="SECONDS", help="bin size in seconds (default 0.1; an .npz uses its own)")
+    p.add_argument("--units", choices=tuple(sources.UNIT_SELECTIONS), default="good",
+                   help="which sorted units to keep (default: good)")
+    p.add_argument("--trials", metavar="TABLE.tsv",
+                   help="Phy only: trials table with start_s, stop_s and optional label columns (e.g. target)")
+    p.add_argument("--sample-rate", metavar="HZ", help="sample rate of spike_times.npy (default: params.py)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
+    p.add_argument("--storage-options", metavar="JSON", default="{}",
+                   help="fsspec storage options for SOURCE and --out, as JSON (e.g. endpoint, credentials)")
+    p.add_argument("--scheduler", metavar="ADDR", default="threads",
+                   help="dask.distributed scheduler address (tcp://host:port), or a local scheduler: "
+                        "threads (default), processes, synchronous")
+    p.add_argument("--workers", type=int, default=None, help="local dask workers (default: CPU count)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def _positive_fraction(text: str | None, option: str) -> Fraction | None:
+    if text is None:
+        return None
+    try:
+        value = binning.to_fraction(text)
+    except (ValueError, ZeroDivisionError):
+        raise UsageError(f"{option} {text!r}: not a number")
+    if value <= 0:
+        raise UsageError(f"{option} {text}: must be > 0")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    bin_size = _positive_fraction(args.bin_size, "--bin-size")
+    sample_rate = _positive_fraction(args.sample_rate, "--sample-rate")
+    try:
+        storage_options = json.loads(args.storage_options)
+        if not isinstance(storage_options, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as err:
+        raise UsageError(f"--storage-options: not a JSON object ({err})")
+    fmt = args.format or sources.detect_format(args.source, storage_options)
+    started = time.perf_counter()
+    with sources.LocalCopy(args.source, storage_options) as local:
+        if args.format and not sources.filesystem(local)[0].exists(local):
+            raise UserError(f"{args.source}: no such file or directory")
+        rec = sources.read_source(args.source, fmt, local, bin_size, args.units, sample_rate, args.trials)
+        summary = write_recording(rec, args.out, storage_options, args.overwrite, args.scheduler,
+                                  args.workers, progress=not args.no_progress)
+    seconds = time.perf_counter() - started
+    summary["seconds"] = round(seconds, 3)
+    print(f"wrote {args.out}: {rec.n_rows} bins x {rec.n_units} units of {float(rec.bin_size)} s, "
+          f"{summary['spikes']} spikes, counts {summary['dtype']}, in {seconds:.1f} s", file=sys.stderr)
+    return 0
+
+
+# --------------------------------------------------------------------------- block tasks
+
+
+def count_block(rec: sources.Recording, row0: int, row1: int) -> np.ndarray:
+    """(row1-row0, N) int64 counts of one block, from whichever data the source has."""
+    if rec.phy is not None:
+        return sources.count_phy_block(rec.phy, row0, row1, rec.n_units)
+    if rec.unit_times_s is not None:
+        return sources.count_nwb_block(rec.unit_times_s, row0, row1, rec.bin_size)
+    return np.asarray(rec.counts[row0:row1], dtype=np.int64)
+
+
+def write_block(rec: sources.Recording, counts_url: str, storage_options: dict, row0: int, row1: int,
+                dtype: str) -> tuple[int, int]:
+    """Count one block and write it to its own shard. Returns (spikes, max count)."""
+    counts = count_block(rec, row0, row1)
+    peak = int(counts.max()) if counts.size else 0
+    if peak > np.iinfo(dtype).max:
+        raise CountOverflow(peak)
+    open_array(counts_url, storage_options)[row0:row1] = counts.astype(dtype)
+    return int(counts.sum()), peak
+
+
+class _TqdmCallback(Callback):
+    """Advance a tqdm bar for each finished task whose key starts with ``prefix``."""
+
+    def __init__(self, bar: tqdm, prefixes: tuple[str, ...]):
+        super().__init__()
+        self.bar, self.prefixes = bar, prefixes
+
+    def _posttask(self, key, result, dsk, state, worker_id):
+        name = key[0] if isinstance(key, tuple) else key
+        if isinstance(name, str) and name.startswith(self.prefixes):
+            self.bar.update(1)
+
+
+def run_tasks(tasks: list, scheduler: str, workers: int | None, progress: bool, desc: str) -> list:
+    """Compute dask delayed ``tasks`` on a local scheduler or a dask.distributed cluster."""
+    bar = tqdm(total=len(tasks), desc=desc, unit="block", disable=not progress or len(tasks) < 2,
+               file=sys.stderr, dynamic_ncols=True)
+    try:
+        if scheduler in LOCAL_SCHEDULERS:
+            with _TqdmCallback(bar, ("block-", "hash-")):
+                return list(dask.compute(*tasks, scheduler=scheduler, num_workers=workers))
+        try:
+            from distributed import Client, as_completed
+        except ImportError:
+            raise UsageError("--scheduler ADDR needs the 'distributed' package")
+        try:
+            client = Client(scheduler, timeout="10s")
+        except (OSError, TimeoutError) as err:
+            raise UserError(f"--scheduler {scheduler}: cannot connect to the dask scheduler ({err})")
+        with client:
+            futures = client.compute(tasks)
+            for _ in as_completed(futures):
+                bar.update(1)
+            return client.gather(futures)
+    finally:
+        bar.close()
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write_recording(rec: sources.Recording, out: str, storage_options: dict, overwrite: bool,
+                    scheduler: str = "threads", workers: int | None = None, progress: bool = True) -> dict:
+    """Bin ``rec`` into a new store at ``out`` and publish it. Returns a summary dict."""
+    layout = StoreLayout.for_counts(rec.n_rows, rec.n_units)
+    dtype = count_dtype(rec.max_count_bound)
+    pieces = sources.hash_pieces(rec.files)
+    with StoreWriter(out, storage_options, overwrite) as writer:
+        counts_url = writer.array_url("counts")
+        while True:
+            writer.create_array("counts", (rec.n_rows, rec.n_units), dtype, chunks=(layout.chunk_rows, rec.n_units),
+                                shards=(layout.shard_rows, rec.n_units), dimension_names=("time", "unit"),
+                                attributes={"description": "spike counts per bin; rate = counts / bin_size_s"})
+            tasks = [dask.delayed(write_block, pure=False)(rec, counts_url, storage_options, r0, r1, dtype.name,
+                                                           dask_key_name=f"block-{i}")
+                     for i, (r0, r1) in enumerate(layout.blocks())]
+            hashes = [dask.delayed(sources.hash_piece, pure=True)(p, dask_key_name=f"hash-{i}")
+                      for i, p in enumerate(pieces)]
+            try:
+                results = run_tasks(tasks + hashes, scheduler, workers, progress, f"binning {rec.n_rows} bins")
+                break
+            except CountOverflow:
+                if dtype == np.uint32:
+                    raise UserError(f"{rec.path}: a bin holds more than 2**32-1 spikes; use a smaller --bin-size")
+                log.info("a bin exceeds 65535 spikes: rewriting counts as uint32")
+                dtype = np.dtype(np.uint32)
+        block_results, digests = results[:len(tasks)], results[len(tasks):]
+        n_spikes = sum(r[0] for r in block_results)
+        if rec.expected_spikes is not None and n_spikes != rec.expected_spikes:
+            raise UserError(f"{rec.path}: binned {n_spikes} spikes but the selected units have "
+                            f"{rec.expected_spikes}; spike times are not sorted or lie beyond the end")
+        _write_per_bin_arrays(writer, rec, layout)
+        attrs = {
+            "bin_size_s": float(rec.bin_size),
+            "bin_size_exact": str(rec.bin_size),
+            "source": {"format": rec.format, "path": rec.path, "content_hash": sources.combine_hashes(pieces, digests),
+                       "files": [f.rsplit("/", 1)[-1] for f in sorted(rec.files)]},
+            "n_spikes": n_spikes,
+        }
+        if rec.sample_rate_hz is not None:
+            attrs["sample_rate_hz"] = rec.sample_rate_hz
+        writer.commit(attrs)
+    return {"spikes": n_spikes, "dtype": dtype.name, "rows": rec.n_rows, "units": rec.n_units}
+
+
+def _write_per_bin_arrays(writer: StoreWriter, rec: sources.Recording, layout: StoreLayout) -> None:
+    bin_start = rec.bin_start_s if rec.bin_start_s is not None else binning.bin_starts_s(0, rec.n_rows, rec.bin_size)
+    writer.write_array("bin_start_s", bin_start, layout, ("time",),
+                       {"description": "start of each bin, seconds from recording start"})
+    trial = rec.trial
+    labels = dict(rec.labels)
+    categories = dict(rec.label_categories)
+    if rec.trials is not None:
+        trial = binning.assign_trials(bin_start, rec.trials.start_s, rec.trials.stop_s)
+        inside = trial >= 0
+        for name, per_trial in rec.trials.labels.items():
+            per_bin = np.full(rec.n_rows, -1, dtype=np.int32)
+            per_bin[inside] = per_trial[trial[inside]]
+            labels[name] = per_bin
+        categories.update(rec.trials.categories)
+    if trial is None:
+        trial = np.full(rec.n_rows, -1, dtype=np.int32)
+    writer.write_array("trial", trial.astype(np.int32), layout, ("time",),
+                       {"description": "trial index, -1 outside trials"})
+    for name, values in sorted(labels.items()):
+        attrs = {"categories": categories[name]} if name in categories else {}
+        writer.write_array(f"labels/{name}", values, layout, ("time",), attrs)
+    for name, values in sorted(rec.behavior.items()):
+        values = np.asarray(values, dtype=np.float32)
+        if values.ndim == 1:
+            values = values[:, None]
+        writer.write_array(f"behavior/{name}", values, layout, ("time", f"{name}_dim"))
+    writer.write_array("units/id", np.asarray(rec.unit_ids, dtype=np.int64), None, ("unit",))
+    writer.write_array("units/quality", np.asarray(rec.unit_quality, dtype=str), None, ("unit",))
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, None, PROG))

@@ -1,0 +1,122 @@
+"""Exact binning: pure functions of arrays, no I/O.
+
+Bins are half-open, [k*b, (k+1)*b), from t = 0. When the sample rate is known, spike
+times are integer sample indices and the bin size in samples is an exact fraction
+p/q, so a spike at sample s lies in bin floor(s*q/p), computed in integers: a spike on
+an edge is counted once, in the later bin (the original MYOW code counts it twice).
+For times in seconds (NWB), the edges are the float64 values stored in ``bin_start_s``
+and each time is placed against exactly those edges.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+
+_INT64_SAFE = 2**62
+
+
+def to_fraction(value: str | float | int | Fraction) -> Fraction:
+    """Exact fraction of a decimal given on the command line ("0.01" -> 1/100)."""
+    if isinstance(value, Fraction):
+        return value
+    if isinstance(value, float):
+        return Fraction(repr(value))
+    return Fraction(str(value))
+
+
+def bin_starts_s(row0: int, row1: int, bin_size: Fraction) -> np.ndarray:
+    """Start time in seconds of bins row0..row1-1: the correctly rounded k*b. (n,) float64."""
+    k = np.arange(row0, row1, dtype=np.float64)
+    # k*numerator is exact in float64 (< 2**53), so one division gives the rounded exact value
+    return k * float(bin_size.numerator) / float(bin_size.denominator)
+
+
+def first_sample(row: int, samples_per_bin: Fraction) -> int:
+    """Smallest sample index s with floor(s / samples_per_bin) == row (ceil(row*p/q))."""
+    p, q = samples_per_bin.numerator, samples_per_bin.denominator
+    return -((-row * p) // q)
+
+
+def n_bins_for_samples(last_sample: int, samples_per_bin: Fraction) -> int:
+    """Number of bins needed so that sample ``last_sample`` falls inside the last one."""
+    p, q = samples_per_bin.numerator, samples_per_bin.denominator
+    return (last_sample * q) // p + 1
+
+
+def count_samples(times: np.ndarray, unit_columns: np.ndarray, row0: int, n_rows: int, n_units: int,
+                  samples_per_bin: Fraction) -> np.ndarray:
+    """Spike counts of one block of bins from integer sample times.
+
+    Args:
+        times: (S,) integer sample indices, all in [first_sample(row0), first_sample(row0+n_rows)).
+        unit_columns: (S,) column of each spike's unit in the output, -1 for spikes to drop.
+        row0, n_rows: the block's first bin and its number of bins.
+        n_units: N, number of output columns.
+    Returns:
+        (n_rows, n_units) int64 counts.
+    """
+    p, q = samples_per_bin.numerator, samples_per_bin.denominator
+    t = np.asarray(times).astype(np.int64, copy=False)
+    if t.size and int(t[-1]) * q >= _INT64_SAFE:
+        raise OverflowError("sample index x bin-size denominator overflows int64")
+    rows = (t * q) // p - row0 if q != 1 else t // p - row0
+    cols = np.asarray(unit_columns)
+    keep = cols >= 0
+    if not keep.all():
+        rows, cols = rows[keep], cols[keep]
+    if rows.size and (rows.min() < 0 or rows.max() >= n_rows):
+        raise ValueError("spike times outside the block")
+    flat = rows * n_units + cols
+    return np.bincount(flat, minlength=n_rows * n_units).reshape(n_rows, n_units)
+
+
+def bin_index_seconds(times_s: np.ndarray, bin_size: Fraction) -> np.ndarray:
+    """Bin of each time in seconds, exact against the edges of ``bin_starts_s``. (S,) int64."""
+    t = np.asarray(times_s, dtype=np.float64)
+    num, den = float(bin_size.numerator), float(bin_size.denominator)
+    k = np.floor(t * den / num).astype(np.int64)
+    # the division may round across an edge: correct against the stored float edges
+    k -= t < k.astype(np.float64) * num / den
+    k += t >= (k + 1).astype(np.float64) * num / den
+    return k
+
+
+def count_seconds(unit_times_s: list[np.ndarray], row0: int, n_rows: int, bin_size: Fraction) -> np.ndarray:
+    """Counts of one block from per-unit spike times in seconds. Returns (n_rows, N) int64."""
+    out = np.zeros((n_rows, len(unit_times_s)), dtype=np.int64)
+    lo, hi = bin_starts_s(row0, row0 + n_rows + 1, bin_size)[[0, -1]]
+    for col, times in enumerate(unit_times_s):
+        times = np.asarray(times)
+        a, b = np.searchsorted(times, [lo, hi], side="left")
+        rows = bin_index_seconds(times[max(0, a - 1):b + 1], bin_size) - row0
+        rows = rows[(rows >= 0) & (rows < n_rows)]
+        out[:, col] = np.bincount(rows, minlength=n_rows)
+    return out
+
+
+def assign_trials(bin_start: np.ndarray, trial_start: np.ndarray, trial_stop: np.ndarray) -> np.ndarray:
+    """Trial index of each bin (the bin's start lies in [start, stop)), -1 outside. (T,) int32.
+
+    ``trial_start`` must be sorted and the intervals non-overlapping (checked by the caller).
+    """
+    idx = np.searchsorted(trial_start, bin_start, side="right") - 1
+    inside = (idx >= 0) & (bin_start < trial_stop[np.clip(idx, 0, None)])
+    return np.where(inside, idx, -1).astype(np.int32)
+
+
+def average_in_bins(timestamps: np.ndarray, values: np.ndarray, n_rows: int, bin_size: Fraction) -> np.ndarray:
+    """Mean of ``values`` (n, k) over the samples whose timestamp falls in each bin.
+
+    Returns (n_rows, k) float32 with NaN for bins without samples.
+    """
+    values = np.asarray(values, dtype=np.float64).reshape(len(values), -1)
+    rows = bin_index_seconds(timestamps, bin_size)
+    keep = (rows >= 0) & (rows < n_rows) & np.isfinite(values).all(axis=1)
+    rows, values = rows[keep], values[keep]
+    n = np.bincount(rows, minlength=n_rows).astype(np.float64)
+    sums = np.stack([np.bincount(rows, weights=values[:, j], minlength=n_rows) for j in range(values.shape[1])], 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = sums / n[:, None]
+    return mean.astype(np.float32)
