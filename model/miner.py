@@ -1,0 +1,140 @@
+"""k-NN view miner (paper section 2.2, App. B): pure functions of tensors.
+
+For each anchor (online representation y_m of a mining view), the k nearest candidates
+by cosine similarity among the *target* representations of an independent pool are
+found, excluded candidates (same trial, too close in time) masked out, and one of the
+remaining top-k is drawn uniformly at random.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["exclusion_mask", "mine_views"]
+
+
+def _check_pair(name: str, a, p):
+    if (a is None) != (p is None):
+        raise ValueError(f"exclusion_mask: give both anchor_{name} and pool_{name}, or neither")
+    if a is not None and (a.dim() != 1 or p.dim() != 1):
+        raise ValueError(f"exclusion_mask: anchor_{name} and pool_{name} must be 1-D, "
+                         f"got {tuple(a.shape)} and {tuple(p.shape)}")
+
+
+def exclusion_mask(anchor_trial: torch.Tensor | None = None,
+                   pool_trial: torch.Tensor | None = None,
+                   anchor_time: torch.Tensor | None = None,
+                   pool_time: torch.Tensor | None = None,
+                   min_time_gap: float = 0.0,
+                   anchor_store: torch.Tensor | None = None,
+                   pool_store: torch.Tensor | None = None) -> torch.Tensor:
+    """Which pool candidates each anchor may NOT be paired with.
+
+    Args:
+        anchor_trial, pool_trial: (B,), (L,) int trial ids, or None (no trial rule).
+            A negative id (-1) means "not in a trial" and never matches anything.
+        anchor_time, pool_time: (B,), (L,) times (any unit, same as ``min_time_gap``),
+            or None (no time rule).
+        min_time_gap: candidates with |t_anchor - t_pool| < min_time_gap are excluded;
+            0 disables the rule.
+        anchor_store, pool_store: (B,), (L,) int ids of the recording each sample comes
+            from, or None (everything from one recording). Trial ids and times are only
+            comparable within a recording, so both rules apply only where the stores match;
+            candidates from another recording are never excluded.
+
+    Returns:
+        (B, L) bool, True = excluded. All False when no rule applies.
+
+    Raises:
+        ValueError: only one of a pair given, or no pair at all (B, L unknown).
+    """
+    _check_pair("trial", anchor_trial, pool_trial)
+    _check_pair("time", anchor_time, pool_time)
+    _check_pair("store", anchor_store, pool_store)
+    anchors = next((a for a in (anchor_trial, anchor_time, anchor_store) if a is not None), None)
+    pools = next((p for p in (pool_trial, pool_time, pool_store) if p is not None), None)
+    if anchors is None:
+        raise ValueError("exclusion_mask: need at least one of trial, time or store ids to know (B, L)")
+    B, L = anchors.shape[0], pools.shape[0]
+    for a, p in ((anchor_trial, pool_trial), (anchor_time, pool_time), (anchor_store, pool_store)):
+        if a is not None and (a.shape[0] != B or p.shape[0] != L):
+            raise ValueError(f"exclusion_mask: inconsistent lengths, expected B={B}, L={L}")
+
+    device = anchors.device
+    excluded = torch.zeros(B, L, dtype=torch.bool, device=device)
+    if anchor_trial is not None:
+        at = anchor_trial.to(device)
+        excluded |= (at[:, None] == pool_trial.to(device)[None, :]) & (at[:, None] >= 0)
+    if anchor_time is not None and min_time_gap > 0:
+        gap = (anchor_time.to(device)[:, None] - pool_time.to(device)[None, :]).abs()
+        excluded |= gap < min_time_gap
+    if anchor_store is not None:
+        excluded &= anchor_store.to(device)[:, None] == pool_store.to(device)[None, :]
+    return excluded
+
+
+@torch.no_grad()
+def mine_views(anchors: torch.Tensor, pool: torch.Tensor, k: int, generator: torch.Generator,
+               exclude: torch.Tensor | None = None, chunk_size: int = 1024) -> torch.Tensor:
+    """Randomised k-NN mining.
+
+    Args:
+        anchors: (B, D) online representations of the anchors' mining views.
+        pool: (L, D) target representations of the candidate pool.
+        k: number of nearest neighbours to draw from (>= 1).
+        generator: torch.Generator for the random pick; on the CPU or on the anchors'
+            device. Exactly B uniforms are drawn per call, whatever ``chunk_size``.
+        exclude: (B, L) bool, True = candidate not allowed for that anchor, or None.
+        chunk_size: anchors processed per similarity block; memory is
+            O(chunk_size x L), never B x L x D.
+
+    Returns:
+        (B,) int64 indices into ``pool``. Each is drawn uniformly among the anchor's top-k
+        (by cosine similarity) non-excluded candidates, or among all of its non-excluded
+        candidates when fewer than k exist. An anchor with no allowed candidate gets
+        -1: the caller must drop it (``MYOW.mined_loss`` does). An excluded index is
+        never returned.
+    """
+    if k < 1:
+        raise ValueError(f"mine_views: k must be >= 1, got {k}")
+    if chunk_size < 1:
+        raise ValueError(f"mine_views: chunk_size must be >= 1, got {chunk_size}")
+    if anchors.dim() != 2 or pool.dim() != 2 or anchors.shape[1] != pool.shape[1]:
+        raise ValueError(f"mine_views: expected (B, D) anchors and (L, D) pool, "
+                         f"got {tuple(anchors.shape)} and {tuple(pool.shape)}")
+    B, L = anchors.shape[0], pool.shape[0]
+    device = anchors.device
+    if exclude is not None:
+        if exclude.shape != (B, L):
+            raise ValueError(f"mine_views: exclude must be (B, L) = ({B}, {L}), got {tuple(exclude.shape)}")
+        exclude = exclude.to(device=device, dtype=torch.bool)
+
+    # All B uniforms drawn at once, before chunking, so the random stream (and hence the
+    # picks) does not depend on chunk_size.
+    u = torch.rand(B, generator=generator, device=generator.device).to(device)
+    out = torch.full((B,), -1, dtype=torch.long, device=device)
+    if B == 0 or L == 0:
+        return out
+
+    kk = min(k, L)
+    # float32 and no autocast: half-precision cosines tie often, which would bias top-k.
+    with torch.autocast(device_type=device.type, enabled=False):
+        a = F.normalize(anchors.float(), dim=1)
+        p = F.normalize(pool.float(), dim=1)
+        for start in range(0, B, chunk_size):
+            stop = min(start + chunk_size, B)
+            sim = a[start:stop] @ p.T                          # (c, L)
+            # A non-finite representation gives NaN similarities; treat them as excluded
+            # (topk would rank NaN first and break the "allowed = prefix" invariant below).
+            sim.masked_fill_(sim.isnan(), float("-inf"))
+            if exclude is not None:
+                sim.masked_fill_(exclude[start:stop], float("-inf"))
+            vals, idx = sim.topk(kk, dim=1)                    # (c, kk), sorted descending
+            # Excluded candidates score -inf, so the allowed ones are a prefix of the top-k.
+            n_valid = (vals > float("-inf")).sum(dim=1)        # (c,)
+            # floor(u * n) is uniform on {0..n-1}; the clamp guards float rounding of u * n up to n.
+            pick = torch.minimum((u[start:stop] * n_valid).long(), (n_valid - 1).clamp(min=0))
+            chosen = idx.gather(1, pick[:, None]).squeeze(1)
+            out[start:stop] = torch.where(n_valid > 0, chosen, torch.full_like(chosen, -1))
+    return out
