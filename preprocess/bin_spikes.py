@@ -25,11 +25,12 @@ from tqdm import tqdm
 
 from . import binning, sources
 from .errors import UsageError, UserError, run_cli, setup_logging
-from .store import StoreLayout, StoreWriter, count_dtype, open_array
+from .store import COUNTS_COMPRESSOR, StoreLayout, StoreWriter, count_dtype, open_array
 
 log = logging.getLogger("preprocess.bin_spikes")
 PROG = "python -m preprocess.bin_spikes"
 LOCAL_SCHEDULERS = ("threads", "processes", "synchronous")
+PROCESSES_FROM_BLOCKS = 8  # below this many blocks, starting worker processes costs more than it saves
 
 
 class CountOverflow(Exception):
@@ -70,9 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
     p.add_argument("--storage-options", metavar="JSON", default="{}",
                    help="fsspec storage options for SOURCE and --out, as JSON (e.g. endpoint, credentials)")
-    p.add_argument("--scheduler", metavar="ADDR", default="threads",
-                   help="dask.distributed scheduler address (tcp://host:port), or a local scheduler: "
-                        "threads (default), processes, synchronous")
+    p.add_argument("--scheduler", metavar="ADDR", default="auto",
+                   help="dask.distributed scheduler address (tcp://host:port; SOURCE and --out must be reachable "
+                        "from its workers), or a local one: processes, threads, synchronous; default auto: "
+                        "processes (spawned, so fsspec stays safe) for large local or object-storage outputs, "
+                        "threads otherwise")
     p.add_argument("--workers", type=int, default=None, help="local dask workers (default: CPU count)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -182,9 +185,14 @@ def run_tasks(tasks: list, scheduler: str, workers: int | None, progress: bool, 
 
 
 def write_recording(rec: sources.Recording, out: str, storage_options: dict, overwrite: bool,
-                    scheduler: str = "threads", workers: int | None = None, progress: bool = True) -> dict:
+                    scheduler: str = "auto", workers: int | None = None, progress: bool = True) -> dict:
     """Bin ``rec`` into a new store at ``out`` and publish it. Returns a summary dict."""
     layout = StoreLayout.for_counts(rec.n_rows, rec.n_units)
+    if scheduler == "auto":
+        # compression holds the GIL part of the time: processes scale better on large outputs;
+        # memory:// lives in this process only, so it needs threads
+        in_process_only = out.startswith("memory://")
+        scheduler = "processes" if len(layout.blocks()) >= PROCESSES_FROM_BLOCKS and not in_process_only else "threads"
     dtype = count_dtype(rec.max_count_bound)
     pieces = sources.hash_pieces(rec.files)
     with StoreWriter(out, storage_options, overwrite) as writer:
@@ -192,7 +200,8 @@ def write_recording(rec: sources.Recording, out: str, storage_options: dict, ove
         while True:
             writer.create_array("counts", (rec.n_rows, rec.n_units), dtype, chunks=(layout.chunk_rows, rec.n_units),
                                 shards=(layout.shard_rows, rec.n_units), dimension_names=("time", "unit"),
-                                attributes={"description": "spike counts per bin; rate = counts / bin_size_s"})
+                                attributes={"description": "spike counts per bin; rate = counts / bin_size_s"},
+                                compressors=COUNTS_COMPRESSOR)
             tasks = [dask.delayed(write_block, pure=False)(rec, counts_url, storage_options, r0, r1, dtype.name,
                                                            dask_key_name=f"block-{i}")
                      for i, (r0, r1) in enumerate(layout.blocks())]

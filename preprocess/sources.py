@@ -429,7 +429,8 @@ def count_phy_block(spikes: PhySpikes, row0: int, row1: int, n_units: int) -> np
     times = np.load(spikes.times_path, mmap_mode="r").reshape(-1)
     clusters = np.load(spikes.clusters_path, mmap_mode="r").reshape(-1)
     s0, s1 = binning.first_sample(row0, spikes.samples_per_bin), binning.first_sample(row1, spikes.samples_per_bin)
-    a, b = (int(i) for i in np.searchsorted(times, [s0, s1], side="left"))
+    # keys in the file's dtype: mixing uint64 with int64 would convert the whole file to float64
+    a, b = (int(i) for i in np.searchsorted(times, np.array([s0, s1], dtype=times.dtype), side="left"))
     if row0 == 0 and a != 0:
         raise UnsortedSpikes(f"{spikes.times_path}: spike times are negative or not sorted; "
                              "sort spike_times and spike_clusters together (Kilosort writes them sorted)")
@@ -447,7 +448,8 @@ def count_phy_block(spikes: PhySpikes, row0: int, row1: int, n_units: int) -> np
 def phy_block_bounds(spikes: PhySpikes, row1: int) -> int:
     """Index of the first spike at or after bin ``row1`` (to check nothing lies beyond the end)."""
     times = np.load(spikes.times_path, mmap_mode="r").reshape(-1)
-    return int(np.searchsorted(times, binning.first_sample(row1, spikes.samples_per_bin), side="left"))
+    key = np.array(binning.first_sample(row1, spikes.samples_per_bin), dtype=times.dtype)
+    return int(np.searchsorted(times, key, side="left"))
 
 
 # --------------------------------------------------------------------------- NWB

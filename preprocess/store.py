@@ -44,6 +44,9 @@ SUBGROUPS = ("labels", "behavior", "units")
 TARGET_CHUNK_BYTES = 1 << 20  # chunks of whole rows of at least ~1 MiB (DESIGN section 4)
 CHUNKS_PER_SHARD = 32  # ~32 MiB (raw) shards: few, large objects on object storage
 PARTIAL_MARKER = ".myow-partial"  # written first on object storage, removed on success
+# counts are mostly 0/1 at fine bins: bit-shuffled LZ4 compresses them ~15x and encodes/decodes
+# at ~0.5/1.3 GB/s per core (zarr's default zstd: ~0.3 GB/s encode)
+COUNTS_COMPRESSOR = zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
 
 
 # --------------------------------------------------------------------------- URLs
@@ -228,13 +231,13 @@ class StoreWriter:
 
     def create_array(self, name: str, shape: tuple[int, ...], dtype, chunks: tuple[int, ...],
                      shards: tuple[int, ...] | None = None, dimension_names: tuple[str, ...] | None = None,
-                     attributes: dict | None = None, fill_value: Any = 0) -> zarr.Array:
+                     attributes: dict | None = None, fill_value: Any = 0, compressors: Any = "auto") -> zarr.Array:
         """Create ``name`` (e.g. "labels/target") with no parent metadata yet (written at commit)."""
         return zarr.create_array(
             store=make_store(self.array_url(name), self.storage_options),
             shape=shape, dtype=dtype, chunks=chunks, shards=shards,
             dimension_names=dimension_names, attributes=attributes or {}, fill_value=fill_value,
-            overwrite=True,
+            compressors=compressors, overwrite=True,
         )
 
     def write_array(self, name: str, data: np.ndarray, layout: StoreLayout | None = None,

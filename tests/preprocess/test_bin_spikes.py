@@ -1,0 +1,425 @@
+"""``python -m preprocess.bin_spikes``: exactness, formats, object storage, atomicity, clean errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from conftest import REPO, make_phy, shared_path
+from preprocess import bin_spikes
+from preprocess.errors import run_cli
+from preprocess.store import SCHEMA, open_recording
+
+
+def run(args: list[str]) -> int:
+    return run_cli(bin_spikes.main, [*args, "--no-progress"], "bin_spikes")
+
+
+def run_ok(args: list[str]) -> zarr.Group:
+    assert run(args) == 0
+    out = args[args.index("--out") + 1]
+    return open_recording(out, _options(args))
+
+
+def _options(args):
+    if "--storage-options" in args:
+        import json
+
+        return json.loads(args[args.index("--storage-options") + 1])
+    return None
+
+
+def histogram(times, clusters, unit_ids, n_rows, spb):
+    edges = np.arange(n_rows + 1, dtype=np.int64) * spb
+    return np.stack([np.histogram(times[clusters == u].astype(np.int64), bins=edges)[0] for u in unit_ids], 1)
+
+
+# --------------------------------------------------------------------------- exactness
+
+
+def test_real_phy_good_units_50ms_equal_per_unit_histogram(tmp_path):
+    phy = shared_path("phy-neuropixels-2min")
+    g = run_ok([str(phy), "--out", str(tmp_path / "s.zarr"), "--bin-size", "0.05", "--sample-rate", "30000"])
+    times = np.load(phy / "spike_times.npy").reshape(-1)
+    clusters = np.load(phy / "spike_clusters.npy")
+    ids = g["units/id"][:]
+    assert len(ids) == 140 and set(g["units/quality"][:]) == {"good"}
+    counts = g["counts"][:]
+    ref = histogram(times, clusters, ids, counts.shape[0], 1500)
+    np.testing.assert_array_equal(counts, ref)
+    assert counts.dtype == np.uint16
+    assert int(g.attrs["n_spikes"]) == int(np.isin(clusters, ids).sum())
+    assert g["counts"].metadata.dimension_names == ("time", "unit")
+    assert g.attrs["schema"] == SCHEMA and g.attrs["sample_rate_hz"] == 30000.0
+    assert g.attrs["source"]["content_hash"].startswith("blake2b")
+    # correctly rounded k * 1/20 (k * 0.05 in floats is off by an ulp for a third of the bins)
+    np.testing.assert_array_equal(g["bin_start_s"][:], np.arange(counts.shape[0]) / 20)
+    assert (g["trial"][:] == -1).all()
+
+
+def test_edge_spikes_counted_once(tmp_path):
+    times, clusters = make_phy(tmp_path / "phy", on_edges=50, bin_samples=300)
+    g = run_ok([str(tmp_path / "phy"), "--out", str(tmp_path / "s.zarr"), "--bin-size", "0.01", "--units", "all"])
+    counts = g["counts"][:]
+    assert counts.sum() == len(times)  # the original code counts each edge spike twice
+    np.testing.assert_array_equal(counts, histogram(times, clusters, np.arange(6), counts.shape[0], 300))
+
+
+def test_units_selection_and_labels_merge(tmp_path):
+    make_phy(tmp_path / "phy", n_units=6, groups=["good", "mua", "noise", "good", "mua", "good"])
+    (tmp_path / "phy" / "cluster_KSLabel.tsv").write_text("cluster_id\tKSLabel\n0\tmua\n1\tgood\n2\tgood\n")
+    sizes = {}
+    for units in ("good", "mua", "all"):
+        g = run_ok([str(tmp_path / "phy"), "--out", str(tmp_path / f"{units}.zarr"), "--units", units])
+        sizes[units] = g["units/id"][:].tolist()
+        if units == "good":  # curated cluster_group.tsv wins over KSLabel
+            assert g["units/quality"][:].tolist() == ["good"] * 3
+    assert sizes == {"good": [0, 3, 5], "mua": [0, 1, 3, 4, 5], "all": [0, 1, 2, 3, 4, 5]}
+
+
+def test_trials_table_gives_trial_and_labels(tmp_path):
+    make_phy(tmp_path / "phy", duration_s=10)
+    table = tmp_path / "trials.tsv"
+    table.write_text("start_s\tstop_s\ttarget\tcue\n1.0\t2.0\t3\tleft\n4.0\t5.5\t7\tright\n")
+    g = run_ok([str(tmp_path / "phy"), "--out", str(tmp_path / "s.zarr"), "--bin-size", "0.5",
+                "--trials", str(table)])
+    trial = g["trial"][:]
+    assert trial.tolist()[:12] == [-1, -1, 0, 0, -1, -1, -1, -1, 1, 1, 1, -1]
+    assert g["labels/target"][:].tolist()[:12] == [-1, -1, 3, 3, -1, -1, -1, -1, 7, 7, 7, -1]
+    assert g["labels/cue"].attrs["categories"] == ["left", "right"]
+
+
+def test_count_dtype_promoted_to_uint32(tmp_path):
+    folder = tmp_path / "phy"
+    folder.mkdir()
+    times = np.repeat(np.arange(0, 100_000, dtype=np.uint64), 1)  # one unit spiking every sample
+    np.save(folder / "spike_times.npy", times)
+    np.save(folder / "spike_clusters.npy", np.zeros(len(times), dtype=np.int32))
+    g = run_ok([str(folder), "--out", str(tmp_path / "s.zarr"), "--bin-size", "3", "--sample-rate", "30000",
+                "--units", "all"])
+    assert g["counts"].dtype == np.uint32
+    assert g["counts"][0, 0] == 90_000 and int(g["counts"][:].sum()) == 100_000
+
+
+def test_many_blocks_parallel_processes_exact(tmp_path):
+    times, clusters = make_phy(tmp_path / "phy", n_units=200, duration_s=400, rate_hz=1)
+    out = tmp_path / "s.zarr"
+    assert run_cli(bin_spikes.main, [str(tmp_path / "phy"), "--out", str(out), "--bin-size", "0.001",
+                                     "--units", "all", "--scheduler", "processes", "--workers", "2",
+                                     "--no-progress"], "b") == 0
+    g = open_recording(str(out))
+    assert len(g["counts"].shape) == 2 and g["counts"].shards is not None
+    n_shards = -(-g["counts"].shape[0] // g["counts"].shards[0])
+    assert n_shards >= 4
+    np.testing.assert_array_equal(g["counts"][:], histogram(times, clusters, np.arange(200), g["counts"].shape[0], 30))
+
+
+# --------------------------------------------------------------------------- npz and NWB
+
+
+def test_chewie_npz_reproduced_exactly(tmp_path):
+    npz = shared_path("reach-chewie-2013-10-03", "chewie-2013-10-03-binned-100ms.npz")
+    g = run_ok([str(npz), "--out", str(tmp_path / "c.zarr")])
+    d = np.load(npz)
+    np.testing.assert_array_equal(g["counts"][:], d["counts"])
+    assert g["counts"].dtype == d["counts"].dtype
+    np.testing.assert_array_equal(g["trial"][:], d["trial"])
+    for name in ("target", "bin_in_trial"):
+        np.testing.assert_array_equal(g[f"labels/{name}"][:], d[name])
+        assert g[f"labels/{name}"].dtype == d[name].dtype
+    for name in ("position", "velocity", "acceleration", "force"):
+        np.testing.assert_array_equal(g[f"behavior/{name}"][:], d[name])
+    assert g.attrs["bin_size_s"] == 0.1
+
+
+def test_nwb_written_by_pynwb_is_binned(tmp_path):
+    from datetime import datetime, timezone
+
+    from pynwb import NWBHDF5IO, NWBFile, TimeSeries
+    from pynwb.behavior import BehavioralTimeSeries
+
+    nwb = NWBFile(session_description="t", identifier="x", session_start_time=datetime(2020, 1, 1, tzinfo=timezone.utc))
+    nwb.add_unit_column("quality", "curation label")
+    rng = np.random.default_rng(0)
+    unit_times = [np.sort(rng.uniform(0, 10, size=n)) for n in (50, 80, 30)]
+    unit_times[0][:3] = [0.3, 0.5, 1.0]  # exactly on 0.1-s edges
+    unit_times[0].sort()
+    for t, q in zip(unit_times, ("good", "mua", "good")):
+        nwb.add_unit(spike_times=t, quality=q)
+    nwb.add_trial_column("target", "reach target")
+    nwb.add_trial(start_time=1.0, stop_time=2.0, target=2)
+    nwb.add_trial(start_time=3.0, stop_time=4.0, target=5)
+    module = nwb.create_processing_module("behavior", "behaviour")
+    ts_t = np.arange(0, 10, 0.01)
+    vel = np.stack([np.sin(ts_t), np.cos(ts_t)], 1)
+    module.add(BehavioralTimeSeries(time_series=[TimeSeries(name="velocity", data=vel, unit="cm/s", timestamps=ts_t)]))
+    path = tmp_path / "s.nwb"
+    with NWBHDF5IO(str(path), "w") as io:
+        io.write(nwb)
+    g = run_ok([str(path), "--out", str(tmp_path / "n.zarr"), "--bin-size", "0.1", "--units", "good"])
+    counts = g["counts"][:]
+    assert counts.shape[1] == 2 and g["units/quality"][:].tolist() == ["good", "good"]
+    edges = g["bin_start_s"][:]
+    for col, t in enumerate([unit_times[0], unit_times[2]]):
+        ref = np.array([np.sum((t >= edges[k]) & (t < (edges[k + 1] if k + 1 < len(edges) else np.inf)))
+                        for k in range(len(edges))])
+        np.testing.assert_array_equal(counts[:, col], ref)
+    trial = g["trial"][:]
+    assert trial[10] == 0 and trial[20] == -1 and trial[30] == 1
+    assert g["labels/target"][10] == 2 and g["labels/target"][30] == 5
+    v = g["behavior/velocity"][:]
+    assert v.shape == (len(edges), 2) and v.dtype == np.float32
+    np.testing.assert_allclose(v[5], vel[50:60].mean(0), rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- object storage
+
+
+def test_s3_round_trip_on_moto(tmp_path, s3_bucket):
+    import json
+
+    import s3fs
+
+    bucket, options = s3_bucket
+    times, clusters = make_phy(tmp_path / "phy", n_units=4)
+    fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
+    fs.put(str(tmp_path / "phy"), f"{bucket[5:]}/phy", recursive=True)  # the source on S3 too
+    out = f"{bucket}/rec.zarr"
+    args = [f"{bucket}/phy", "--out", out, "--bin-size", "0.01", "--units", "all",
+            "--storage-options", json.dumps(options)]
+    g = run_ok(args)
+    np.testing.assert_array_equal(g["counts"][:], histogram(times, clusters, np.arange(4), g["counts"].shape[0], 300))
+    # plain zarr, through fsspec, reads it too
+    plain = zarr.open_group(out, mode="r", storage_options=options)
+    assert plain.attrs["schema"] == SCHEMA
+    assert not fs.exists(f"{bucket[5:]}/rec.zarr/.myow-partial")
+    # exists -> refused; --overwrite replaces it
+    assert run(args) == 1
+    assert run([*args, "--overwrite"]) == 0
+
+
+def test_s3_via_aws_endpoint_url_env(tmp_path, s3_bucket, monkeypatch):
+    bucket, options = s3_bucket
+    make_phy(tmp_path / "phy", n_units=3)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", options["endpoint_url"])
+    g = run_ok([str(tmp_path / "phy"), "--out", f"{bucket}/env.zarr", "--units", "all"])
+    assert g["counts"].shape[1] == 3
+
+
+def test_unreachable_storage_is_one_line(tmp_path, capsys):
+    make_phy(tmp_path / "phy")
+    opts = '{"endpoint_url": "http://127.0.0.1:9", "key": "k", "secret": "s", "config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}}}'
+    assert run([str(tmp_path / "phy"), "--out", "s3://nobucket/x.zarr", "--storage-options", opts]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "s3://nobucket/x.zarr" in err
+
+
+def test_memory_url_output(tmp_path):
+    make_phy(tmp_path / "phy", n_units=3)
+    g = run_ok([str(tmp_path / "phy"), "--out", "memory://stores/m.zarr", "--units", "all"])
+    assert g["counts"].shape[1] == 3
+
+
+# --------------------------------------------------------------------------- atomicity
+
+
+def _synthetic_long_phy(folder: Path) -> None:
+    make_phy(folder, n_units=200, duration_s=1800, rate_hz=4, seed=3)
+
+
+@pytest.mark.parametrize("kill_after", [0.4, 1.2])
+def test_sigkill_mid_write_leaves_no_store(tmp_path, kill_after):
+    _synthetic_long_phy(tmp_path / "phy")
+    out = tmp_path / "s.zarr"
+    proc = subprocess.Popen([sys.executable, "-m", "preprocess.bin_spikes", str(tmp_path / "phy"), "--out", str(out),
+                             "--bin-size", "0.001", "--units", "all", "--no-progress", "--scheduler", "threads"],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 30
+    while time.time() < deadline and not any(p.name.startswith(".s.zarr.partial-") for p in tmp_path.iterdir()):
+        time.sleep(0.02)
+    time.sleep(kill_after)
+    finished = proc.poll() is not None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if finished:
+        pytest.skip("the run finished before it could be killed")
+    assert not out.exists()
+    with pytest.raises(Exception):
+        zarr.open_group(str(out), mode="r")
+    # the next run cleans the dead run's staging folder and succeeds
+    assert run([str(tmp_path / "phy"), "--out", str(out), "--bin-size", "0.01", "--units", "all"]) == 0
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    open_recording(str(out))
+
+
+def test_failure_mid_write_on_object_storage_leaves_no_group(tmp_path, s3_bucket, monkeypatch):
+    bucket, options = s3_bucket
+    make_phy(tmp_path / "phy", n_units=3)
+    import preprocess.bin_spikes as mod
+
+    def broken(*a, **k):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(mod, "_write_per_bin_arrays", broken)
+    import json
+
+    with pytest.raises(RuntimeError):
+        mod.main([str(tmp_path / "phy"), "--out", f"{bucket}/f.zarr", "--units", "all", "--no-progress",
+                  "--storage-options", json.dumps(options)])
+    import s3fs
+
+    assert not s3fs.S3FileSystem(**options, skip_instance_cache=True).exists(f"{bucket[5:]}/f.zarr/zarr.json")
+
+
+def test_existing_output_untouched_without_overwrite(tmp_path, capsys):
+    make_phy(tmp_path / "phy")
+    out = tmp_path / "s.zarr"
+    run_ok([str(tmp_path / "phy"), "--out", str(out)])
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    assert run([str(tmp_path / "phy"), "--out", str(out), "--bin-size", "0.5"]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    g = run_ok([str(tmp_path / "phy"), "--out", str(out), "--bin-size", "0.5", "--overwrite"])
+    assert g.attrs["bin_size_s"] == 0.5
+
+
+def test_foreign_folder_is_never_replaced(tmp_path, capsys):
+    make_phy(tmp_path / "phy")
+    precious = tmp_path / "results"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    assert run([str(tmp_path / "phy"), "--out", str(precious), "--overwrite"]) == 1
+    assert (precious / "thesis.tex").read_text() == "years of work"
+    assert "not a recording store" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- bad inputs
+
+
+def _phy(tmp_path, **kw) -> Path:
+    make_phy(tmp_path / "phy", **kw)
+    return tmp_path / "phy"
+
+
+def _npz(tmp_path, **arrays) -> Path:
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+BAD_INPUTS = {
+    "missing source": (lambda p: [str(p / "nope"), "--out", str(p / "o.zarr")], 1, "no such file"),
+    "unknown format": (lambda p: [str((p / "x.csv").write_text("a") and p / "x.csv"), "--out", str(p / "o.zarr")],
+                       1, "unknown format"),
+    "folder without spikes": (lambda p: [str((p / "d").mkdir() or p / "d"), "--out", str(p / "o.zarr")], 1,
+                              "spike_times.npy"),
+    "length mismatch": (lambda p: [str(_mismatch(p)), "--out", str(p / "o.zarr")], 1, "spike_clusters.npy"),
+    "unsorted times": (lambda p: [str(_unsorted(p)), "--out", str(p / "o.zarr"), "--units", "all"], 1, "not sorted"),
+    "negative times": (lambda p: [str(_negative(p)), "--out", str(p / "o.zarr"), "--units", "all"], 1, "negative"),
+    "float times": (lambda p: [str(_float_times(p)), "--out", str(p / "o.zarr")], 1, "dtype"),
+    "bin size zero": (lambda p: [str(_phy(p)), "--out", str(p / "o.zarr"), "--bin-size", "0"], 2, "--bin-size"),
+    "bin size negative": (lambda p: [str(_phy(p)), "--out", str(p / "o.zarr"), "--bin-size", "-1"], 2, "--bin-size"),
+    "bin size longer than recording": (lambda p: [str(_phy(p)), "--out", str(p / "o.zarr"), "--bin-size", "100"],
+                                       1, "longer than the recording"),
+    "unknown units label": (lambda p: [str(_phy(p)), "--out", str(p / "o.zarr"), "--units", "best"], 2, "--units"),
+    "no unit with label": (lambda p: [str(_phy(p, groups=["mua"] * 6)), "--out", str(p / "o.zarr")], 1,
+                           "--units mua or all"),
+    "no sample rate": (lambda p: [str(_phy(p, params=False)), "--out", str(p / "o.zarr")], 1, "--sample-rate"),
+    "npz without counts": (lambda p: [str(_npz(p, rates=np.zeros((3, 2)))), "--out", str(p / "o.zarr")], 1,
+                           "'counts' is missing"),
+    "npz counts 1-D": (lambda p: [str(_npz(p, counts=np.zeros(5, np.uint16), bin_size=0.1)), "--out",
+                                  str(p / "o.zarr")], 1, "2 dimensions"),
+    "npz label length": (lambda p: [str(_npz(p, counts=np.zeros((5, 2), np.uint16), bin_size=0.1,
+                                             target=np.zeros(4, np.int64))), "--out", str(p / "o.zarr")], 1,
+                         "'target' has 4 rows"),
+    "npz corrupt": (lambda p: [str((p / "c.npz").write_bytes(b"PK\x03\x04garbage") and p / "c.npz"), "--out",
+                               str(p / "o.zarr")], 1, "c.npz"),
+    "bad storage options": (lambda p: [str(_phy(p)), "--out", str(p / "o.zarr"), "--storage-options", "{oops"], 2,
+                            "--storage-options"),
+    "trials overlap": (lambda p: [str(_phy(p)), "--out", str(p / "o.zarr"), "--trials", str(_trials(p))], 1,
+                       "overlap"),
+    "out parent missing": (lambda p: [str(_phy(p)), "--out", str(p / "no" / "such" / "o.zarr")], 1,
+                           "does not exist"),
+}
+
+
+def _mismatch(p: Path) -> Path:
+    folder = _phy(p)
+    np.save(folder / "spike_clusters.npy", np.zeros(3, dtype=np.int32))
+    return folder
+
+
+def _unsorted(p: Path) -> Path:
+    folder = _phy(p)
+    t = np.load(folder / "spike_times.npy")
+    t[[5, 50]] = t[[50, 5]]
+    np.save(folder / "spike_times.npy", t)
+    return folder
+
+
+def _negative(p: Path) -> Path:
+    folder = _phy(p)
+    t = np.load(folder / "spike_times.npy").astype(np.int64)
+    t[0] = -5
+    np.save(folder / "spike_times.npy", t)
+    return folder
+
+
+def _float_times(p: Path) -> Path:
+    folder = _phy(p)
+    np.save(folder / "spike_times.npy", np.load(folder / "spike_times.npy").astype(np.float64) / 30000)
+    return folder
+
+
+def _trials(p: Path) -> Path:
+    path = p / "trials.tsv"
+    path.write_text("start_s\tstop_s\n1\t3\n2\t4\n")
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_one_line_no_output(tmp_path, capsys, case):
+    make_args, code, needle = BAD_INPUTS[case]
+    args = make_args(tmp_path)
+    assert run(args) == code
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    assert needle in err, err
+    assert "Traceback" not in err
+    out = Path(args[args.index("--out") + 1])
+    assert not out.exists()
+    assert not [p for p in out.parent.glob(".*partial*")] if out.parent.exists() else True
+
+
+def test_cli_subprocess_no_traceback_and_help(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "preprocess.bin_spikes", str(tmp_path / "missing"), "--out",
+                           str(tmp_path / "o.zarr")], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+    proc = subprocess.run([sys.executable, "-m", "preprocess.bin_spikes", "--help"], cwd=REPO, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0 and "--bin-size" in proc.stdout and "--scheduler" in proc.stdout
+
+
+def test_params_py_is_never_executed(tmp_path):
+    folder = _phy(tmp_path, params=False)
+    marker = tmp_path / "pwned"
+    (folder / "params.py").write_text(f"import os\nos.system('touch {marker}')\nopen('{marker}', 'w')\n"
+                                      "sample_rate = 30000.0\nn_channels_dat = 2 + 3\n")
+    g = run_ok([str(folder), "--out", str(tmp_path / "o.zarr")])
+    assert not marker.exists()
+    assert g.attrs["sample_rate_hz"] == 30000.0
+
+
+def test_params_py_computed_value_is_not_evaluated(tmp_path, capsys):
+    folder = _phy(tmp_path, params=False)
+    (folder / "params.py").write_text("sample_rate = __import__('os').getpid()\n")
+    assert run([str(folder), "--out", str(tmp_path / "o.zarr")]) == 1
+    assert "--sample-rate" in capsys.readouterr().err
