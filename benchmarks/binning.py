@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -65,19 +64,30 @@ def synthesize_phy(folder: str, hours: float, n_units: int, seed: int, block_s: 
 
 
 def run_bin_spikes(args: list[str]) -> tuple[float, float]:
-    """Run the command in a fresh process; (wall seconds, peak RSS GB of that process)."""
-    cmd = [sys.executable, "-c",
-           "import resource, sys, runpy; sys.argv = ['bin_spikes'] + sys.argv[1:];\n"
-           "try:\n    runpy.run_module('preprocess.bin_spikes', run_name='__main__')\n"
-           "finally:\n    print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)",
-           *args, "--no-progress"]
+    """Run the command in a fresh process; (wall seconds, peak RSS GB of it and its workers).
+
+    RSS is sampled every 20 ms over the whole process tree (dask worker processes
+    included); ru_maxrss is not used because Linux carries it over fork+exec from this
+    (large) parent.
+    """
+    import psutil
+
+    cmd = [sys.executable, "-m", "preprocess.bin_spikes", *args, "--no-progress"]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    parent = psutil.Process(proc.pid)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            tree = [parent, *parent.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.02)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
-        raise SystemExit(f"bin_spikes failed: {proc.stderr.strip()[-2000:]}")
-    peak_kb = int(next(line.split()[1] for line in proc.stderr.splitlines() if line.startswith("PEAK_RSS_KB")))
-    return wall, peak_kb / 1024**2
+        raise SystemExit(f"bin_spikes failed: {proc.stderr.read().strip()[-2000:]}")
+    return wall, peak / 1024**3
 
 
 def histogram_reference(times: np.ndarray, clusters: np.ndarray, units: np.ndarray, n_bins: int,
@@ -106,7 +116,7 @@ def main() -> None:
     p.add_argument("--bin-size", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one, removed)")
-    p.add_argument("--scheduler", default="threads")
+    p.add_argument("--scheduler", default="auto")
     args = p.parse_args()
     work = args.workdir or tempfile.mkdtemp(prefix="myow-bench-binning-")
     os.makedirs(work, exist_ok=True)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from . import binning, sources
 from .errors import UsageError, UserError, run_cli, setup_logging
-from .store import COUNTS_COMPRESSOR, StoreLayout, StoreWriter, count_dtype, open_array
+from .store import COUNTS_COMPRESSOR, StoreLayout, StoreWriter, count_dtype, join_url, open_array
 
 log = logging.getLogger("preprocess.bin_spikes")
 PROG = "python -m preprocess.bin_spikes"
@@ -132,14 +132,17 @@ def count_block(rec: sources.Recording, row0: int, row1: int) -> np.ndarray:
     return np.asarray(rec.counts[row0:row1], dtype=np.int64)
 
 
-def write_block(rec: sources.Recording, counts_url: str, storage_options: dict, row0: int, row1: int,
+def write_block(rec: sources.Recording, store_url: str, storage_options: dict, row0: int, row1: int,
                 dtype: str) -> tuple[int, int]:
-    """Count one block and write it to its own shard. Returns (spikes, max count)."""
+    """Count one block and write its rows of every per-bin array (its own shard/chunk of
+    each). Returns (spikes, max count)."""
     counts = count_block(rec, row0, row1)
     peak = int(counts.max()) if counts.size else 0
     if peak > np.iinfo(dtype).max:
         raise CountOverflow(peak)
-    open_array(counts_url, storage_options)[row0:row1] = counts.astype(dtype)
+    open_array(join_url(store_url, "counts"), storage_options)[row0:row1] = counts.astype(dtype)
+    for name, values in per_bin_block(rec, row0, row1).items():
+        open_array(join_url(store_url, name), storage_options)[row0:row1] = values
     return int(counts.sum()), peak
 
 
@@ -189,20 +192,17 @@ def write_recording(rec: sources.Recording, out: str, storage_options: dict, ove
     """Bin ``rec`` into a new store at ``out`` and publish it. Returns a summary dict."""
     layout = StoreLayout.for_counts(rec.n_rows, rec.n_units)
     if scheduler == "auto":
-        # compression holds the GIL part of the time: processes scale better on large outputs;
-        # memory:// lives in this process only, so it needs threads
-        in_process_only = out.startswith("memory://")
-        scheduler = "processes" if len(layout.blocks()) >= PROCESSES_FROM_BLOCKS and not in_process_only else "threads"
+        # compression holds the GIL part of the time: processes scale better on large outputs.
+        # Only Phy data stays on disk (in-memory npz/NWB arrays would be pickled to every task),
+        # and memory:// lives in this process only.
+        on_disk = rec.phy is not None and not out.startswith("memory://")
+        scheduler = "processes" if on_disk and len(layout.blocks()) >= PROCESSES_FROM_BLOCKS else "threads"
     dtype = count_dtype(rec.max_count_bound)
     pieces = sources.hash_pieces(rec.files)
     with StoreWriter(out, storage_options, overwrite) as writer:
-        counts_url = writer.array_url("counts")
         while True:
-            writer.create_array("counts", (rec.n_rows, rec.n_units), dtype, chunks=(layout.chunk_rows, rec.n_units),
-                                shards=(layout.shard_rows, rec.n_units), dimension_names=("time", "unit"),
-                                attributes={"description": "spike counts per bin; rate = counts / bin_size_s"},
-                                compressors=COUNTS_COMPRESSOR)
-            tasks = [dask.delayed(write_block, pure=False)(rec, counts_url, storage_options, r0, r1, dtype.name,
+            create_arrays(writer, rec, layout, dtype)
+            tasks = [dask.delayed(write_block, pure=False)(rec, writer.staging_url, storage_options, r0, r1, dtype.name,
                                                            dask_key_name=f"block-{i}")
                      for i, (r0, r1) in enumerate(layout.blocks())]
             hashes = [dask.delayed(sources.hash_piece, pure=True)(p, dask_key_name=f"hash-{i}")
@@ -220,7 +220,6 @@ def write_recording(rec: sources.Recording, out: str, storage_options: dict, ove
         if rec.expected_spikes is not None and n_spikes != rec.expected_spikes:
             raise UserError(f"{rec.path}: binned {n_spikes} spikes but the selected units have "
                             f"{rec.expected_spikes}; spike times are not sorted or lie beyond the end")
-        _write_per_bin_arrays(writer, rec, layout)
         attrs = {
             "bin_size_s": float(rec.bin_size),
             "bin_size_exact": str(rec.bin_size),
@@ -234,33 +233,57 @@ def write_recording(rec: sources.Recording, out: str, storage_options: dict, ove
     return {"spikes": n_spikes, "dtype": dtype.name, "rows": rec.n_rows, "units": rec.n_units}
 
 
-def _write_per_bin_arrays(writer: StoreWriter, rec: sources.Recording, layout: StoreLayout) -> None:
-    bin_start = rec.bin_start_s if rec.bin_start_s is not None else binning.bin_starts_s(0, rec.n_rows, rec.bin_size)
-    writer.write_array("bin_start_s", bin_start, layout, ("time",),
-                       {"description": "start of each bin, seconds from recording start"})
-    trial = rec.trial
-    labels = dict(rec.labels)
-    categories = dict(rec.label_categories)
+def per_bin_arrays(rec: sources.Recording) -> dict[str, tuple[np.dtype, int, dict]]:
+    """name -> (dtype, columns (0 for 1-D), attributes) of every per-bin array of the store."""
+    arrays = {"bin_start_s": (np.dtype(np.float64), 0, {"description": "start of each bin, seconds from recording start"}),
+              "trial": (np.dtype(np.int32), 0, {"description": "trial index, -1 outside trials"})}
+    for name, values in rec.labels.items():
+        arrays[f"labels/{name}"] = (values.dtype, 0, {})
+    if rec.trials is not None:
+        for name in rec.trials.labels:
+            attrs = {"categories": rec.trials.categories[name]} if name in rec.trials.categories else {}
+            arrays[f"labels/{name}"] = (np.dtype(np.int32), 0, attrs)
+    for name, values in rec.behavior.items():
+        arrays[f"behavior/{name}"] = (np.dtype(np.float32), int(np.prod(values.shape[1:], dtype=int)) or 1, {})
+    return dict(sorted(arrays.items()))
+
+
+def per_bin_block(rec: sources.Recording, row0: int, row1: int) -> dict[str, np.ndarray]:
+    """Rows [row0, row1) of every per-bin array (computed per block: memory stays bounded)."""
+    if rec.bin_start_s is not None:
+        bin_start = rec.bin_start_s[row0:row1]
+    else:
+        bin_start = binning.bin_starts_s(row0, row1, rec.bin_size)
+    out = {"bin_start_s": bin_start}
+    trial = rec.trial[row0:row1] if rec.trial is not None else np.full(row1 - row0, -1, dtype=np.int32)
     if rec.trials is not None:
         trial = binning.assign_trials(bin_start, rec.trials.start_s, rec.trials.stop_s)
         inside = trial >= 0
         for name, per_trial in rec.trials.labels.items():
-            per_bin = np.full(rec.n_rows, -1, dtype=np.int32)
+            per_bin = np.full(row1 - row0, -1, dtype=np.int32)
             per_bin[inside] = per_trial[trial[inside]]
-            labels[name] = per_bin
-        categories.update(rec.trials.categories)
-    if trial is None:
-        trial = np.full(rec.n_rows, -1, dtype=np.int32)
-    writer.write_array("trial", trial.astype(np.int32), layout, ("time",),
-                       {"description": "trial index, -1 outside trials"})
-    for name, values in sorted(labels.items()):
-        attrs = {"categories": categories[name]} if name in categories else {}
-        writer.write_array(f"labels/{name}", values, layout, ("time",), attrs)
-    for name, values in sorted(rec.behavior.items()):
-        values = np.asarray(values, dtype=np.float32)
-        if values.ndim == 1:
-            values = values[:, None]
-        writer.write_array(f"behavior/{name}", values, layout, ("time", f"{name}_dim"))
+            out[f"labels/{name}"] = per_bin
+    out["trial"] = trial
+    for name, values in rec.labels.items():
+        out[f"labels/{name}"] = values[row0:row1]
+    for name, values in rec.behavior.items():
+        out[f"behavior/{name}"] = np.asarray(values[row0:row1], dtype=np.float32).reshape(row1 - row0, -1)
+    return out
+
+
+def create_arrays(writer: StoreWriter, rec: sources.Recording, layout: StoreLayout, dtype: np.dtype) -> None:
+    """Create every array of the store; per-bin arrays are chunked by whole blocks (shards of
+    ``counts``) so that each block task writes objects no other task touches."""
+    writer.create_array("counts", (rec.n_rows, rec.n_units), dtype, chunks=(layout.chunk_rows, rec.n_units),
+                        shards=(layout.shard_rows, rec.n_units), dimension_names=("time", "unit"),
+                        attributes={"description": "spike counts per bin; rate = counts / bin_size_s"},
+                        compressors=COUNTS_COMPRESSOR)
+    for name, (arr_dtype, columns, attrs) in per_bin_arrays(rec).items():
+        shape, chunks, dims = (rec.n_rows,), (layout.shard_rows,), ("time",)
+        if name.startswith("behavior/"):
+            shape, chunks, dims = (rec.n_rows, columns), (layout.shard_rows, columns), ("time", f"{name[9:]}_dim")
+        writer.create_array(name, shape, arr_dtype, chunks=chunks, dimension_names=dims, attributes=attrs,
+                            fill_value=np.nan if arr_dtype.kind == "f" and name != "bin_start_s" else 0)
     writer.write_array("units/id", np.asarray(rec.unit_ids, dtype=np.int64), None, ("unit",))
     writer.write_array("units/quality", np.asarray(rec.unit_quality, dtype=str), None, ("unit",))
 

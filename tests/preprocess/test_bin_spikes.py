@@ -268,7 +268,7 @@ def test_failure_mid_write_on_object_storage_leaves_no_group(tmp_path, s3_bucket
     def broken(*a, **k):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(mod, "_write_per_bin_arrays", broken)
+    monkeypatch.setattr(mod, "per_bin_block", broken)
     import json
 
     with pytest.raises(RuntimeError):
