@@ -172,7 +172,7 @@ def run_tasks(tasks: list, scheduler: str, workers: int | None, progress: bool, 
         except ImportError:
             raise UsageError("--scheduler ADDR needs the 'distributed' package")
         try:
-            client = Client(scheduler, timeout="10s")
+            client = Client(scheduler, timeout="5s")
         except (OSError, TimeoutError) as err:
             raise UserError(f"--scheduler {scheduler}: cannot connect to the dask scheduler ({err})")
         with client:

@@ -423,3 +423,21 @@ def test_params_py_computed_value_is_not_evaluated(tmp_path, capsys):
     (folder / "params.py").write_text("sample_rate = __import__('os').getpid()\n")
     assert run([str(folder), "--out", str(tmp_path / "o.zarr")]) == 1
     assert "--sample-rate" in capsys.readouterr().err
+
+
+def test_existing_dask_distributed_scheduler(tmp_path):
+    distributed = pytest.importorskip("distributed")
+    times, clusters = make_phy(tmp_path / "phy", n_units=5)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False, protocol="tcp://", host="127.0.0.1",
+                                  scheduler_port=0, dashboard_address=None) as cluster:
+        g = run_ok([str(tmp_path / "phy"), "--out", str(tmp_path / "d.zarr"), "--units", "all", "--bin-size", "0.01",
+                    "--scheduler", cluster.scheduler_address])
+    np.testing.assert_array_equal(g["counts"][:], histogram(times, clusters, np.arange(5), g["counts"].shape[0], 300))
+
+
+def test_unreachable_scheduler_is_one_line(tmp_path, capsys):
+    make_phy(tmp_path / "phy")
+    assert run([str(tmp_path / "phy"), "--out", str(tmp_path / "o.zarr"), "--scheduler", "tcp://127.0.0.1:9"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "--scheduler" in err and "\n" not in err
+    assert not (tmp_path / "o.zarr").exists()
