@@ -1,0 +1,370 @@
+"""Run configuration: one dataclass per stage under one top-level :class:`Config`.
+
+A config is built from defaults, then a YAML file (``--config FILE``), then repeated
+``--set key=value`` overrides (the value is parsed as a YAML scalar or flow list/map,
+so ``--set optim.lr=2.0e-3``, ``--set data.split=[0.8,0.1,0.1]`` and
+``--set run.dir=null`` all work). Unknown keys and values of the wrong type are
+reported as one line naming the key (``unknown config key 'optim.lrr'``); cross-field
+rules (positive batch size, split fractions summing to 1, ...) are checked by
+:meth:`Config.validate` when the config is built.
+
+The resolved config is written to ``config.yaml`` in the run directory and stored (as a
+plain dict) in every checkpoint, so a run can be evaluated or resumed on its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from preprocess.errors import UsageError
+
+__all__ = ["Config", "ConfigError", "load_config", "build_config", "config_to_dict", "dump_config",
+           "METHODS", "OPTIMIZERS", "EMA_SCHEDULES", "DEVICES"]
+
+METHODS = ("myow", "byol", "supervised")
+OPTIMIZERS = ("adamw", "sgd")
+EMA_SCHEDULES = ("cosine", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+ENCODERS = ("mlp",)  # neural data; image encoders arrive with the image pipeline
+ARCHITECTURES = ("cascaded", "parallel", "single")
+
+
+class ConfigError(UsageError):
+    """A bad config file, key or value (exit code 2, one line on stderr)."""
+
+
+# --------------------------------------------------------------------------- stages
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None  # recording store URL (path, file://, s3://, memory://)
+    storage_options: dict = field(default_factory=dict)  # fsspec options for path
+    # train/val/test fractions: by trial order (recording order of first bin), or by time
+    # blocks when the store has no trials. The test split is never used for tuning.
+    split: list[float] = field(default_factory=lambda: [0.7, 0.1, 0.2])
+    # SSL trains only on bins with |velocity| > min_speed (cm/s) when > 0 and the store has
+    # behavior/velocity (myow-neuro trains on moving bins only); 0 = every training bin.
+    min_speed: float = 0.0
+    # Mining never pairs an anchor with a candidate closer than this in time (seconds).
+    # null = auto: 0 when the store has trials (the same-trial rule already covers the
+    # temporal neighbourhood), (jitter_max_bins + 1) bins when it has none.
+    min_time_gap_s: float | None = None
+    # Temporal jitter: the positive view is a training bin of the same trial within
+    # +-jitter_max_bins bins (paper: "within 200 ms" = 2 bins of 100 ms).
+    jitter_max_bins: int = 2
+
+
+@dataclass
+class AugmentConfig:
+    """Augmentations in firing-rate units (Hz = counts / bin_size), applied BEFORE the
+    z-scoring, in the order dropout -> pepper -> noise -> normalise (myow-neuro; paper
+    App. D/J). Every sample of a batch draws its own augmentation."""
+
+    dropout_max: float = 0.2  # per-sample dropout rate ~ U(0, dropout_max)
+    dropout_apply_p: float = 1.0  # probability that a sample gets dropout at all
+    structured: bool = False  # True: x1, x2 and x_m share one dropout mask (paper Fig. S1)
+    noise_std: float = 1.5  # Gaussian noise std (Hz)
+    noise_apply_p: float = 0.5
+    pepper_p: float = 0.3  # per-unit probability of adding pepper_value
+    pepper_value: float = 1.5  # Hz
+    pepper_apply_p: float = 0.5
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = "mlp"
+    hidden_dim: int = 64
+    num_blocks: int = 4  # Linear-BN-ReLU blocks, then Linear(out_dim) (paper App. D)
+    out_dim: int = 32  # representation size D
+    predictor_hidden: int = 128  # q = MLP(Z, predictor_hidden, Z)
+    mined_predictor_hidden: int | None = None  # r; null = predictor_hidden
+    projector: list[int] | None = None  # [hidden, out] of g, or null (no projector, paper neural setting)
+    mined_projector: list[int] | None = None  # [hidden, out] of h, or null
+    architecture: str = "cascaded"  # cascaded | parallel | single (paper App. G)
+    dropout: float = 0.0  # encoder dropout; only the supervised baseline uses it
+
+
+@dataclass
+class MethodConfig:
+    name: str = "myow"  # myow | byol (same code, mining weight forced to 0) | supervised
+    k: int = 5  # mined view drawn uniformly among the k nearest candidates
+    pool_size: int = 1024  # L, candidates per step (per rank)
+    mining_weight: float = 1.0  # lambda
+    mining_warmup_epochs: float = 0.0  # lambda = 0 during these epochs
+    mining_ramp_epochs: float = 10.0  # then a linear ramp to mining_weight
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | sgd
+    lr: float = 2.0e-3
+    weight_decay: float = 2.0e-5
+    warmup_epochs: float = 100.0  # linear lr warm-up, then cosine decay to 0
+    batch_size: int = 512  # B, anchors per step (per rank)
+    momentum: float = 0.9  # sgd only
+    ema_base_tau: float = 0.98  # target EMA momentum at step 0
+    ema_schedule: str = "cosine"  # cosine: base_tau -> 1; constant: base_tau
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1000
+    max_steps: int | None = None  # overrides epochs when set
+    log_every: int = 10  # steps between metrics.jsonl lines
+    checkpoint_every: int = 500  # steps between checkpoints (one is always written at the end)
+    eval_every: int = 0  # steps between evaluations; 0 = only at the end
+
+
+@dataclass
+class RunConfig:
+    dir: str | None = None  # null = runs/<method>-<timestamp>
+    seed: int = 0
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda
+    threads: int = 0  # torch intra-op threads; 0 = auto (see pipeline.train.set_threads)
+    resume: bool = True  # continue from dir/checkpoint.pt when it exists
+    progress: bool = True  # tqdm progress bar
+
+
+@dataclass
+class MetricsConfig:
+    port: int = 0  # Prometheus endpoint; 0 disables (each rank serves on port + LOCAL_RANK)
+    host: str = "127.0.0.1"
+
+
+@dataclass
+class EvalConfig:
+    tasks: str | list[str] = "auto"  # auto = every task the data has; or e.g. [reach, target]
+    reach_min_speed: float = 5.0  # reach read-out only on bins with hand speed > this (cm/s)
+    tsne: bool = True  # t-SNE plot at the end of training / in pipeline.evaluate
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def effective_mining_weight(self) -> float:
+        """lambda actually used: ``method.mining_weight``, or 0 for BYOL (same code path)."""
+        return 0.0 if self.method.name == "byol" else float(self.method.mining_weight)
+
+    def validate(self) -> "Config":
+        """Cross-field checks; raises ConfigError naming the key."""
+        def need(cond: bool, key: str, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"config key '{key}': {msg}")
+
+        d, a, m, me, o, t, r = self.data, self.augment, self.model, self.method, self.optim, self.train, self.run
+        need(len(d.split) == 3, "data.split", f"needs 3 fractions (train, val, test), got {d.split}")
+        need(all(f >= 0 for f in d.split), "data.split", f"fractions must be >= 0, got {d.split}")
+        need(math.isclose(sum(d.split), 1.0, abs_tol=1e-6), "data.split", f"fractions must sum to 1, got {d.split}")
+        need(d.split[0] > 0, "data.split", "the train fraction must be > 0")
+        need(d.min_speed >= 0, "data.min_speed", "must be >= 0")
+        need(d.min_time_gap_s is None or d.min_time_gap_s >= 0, "data.min_time_gap_s", "must be >= 0 or null")
+        need(d.jitter_max_bins >= 0, "data.jitter_max_bins", "must be >= 0")
+        for key in ("dropout_max", "dropout_apply_p", "noise_apply_p", "pepper_p", "pepper_apply_p"):
+            need(0.0 <= getattr(a, key) <= 1.0, f"augment.{key}", "must be in [0, 1]")
+        need(a.noise_std >= 0, "augment.noise_std", "must be >= 0")
+        need(m.encoder in ENCODERS, "model.encoder", f"must be one of {', '.join(ENCODERS)}")
+        need(m.architecture in ARCHITECTURES, "model.architecture", f"must be one of {', '.join(ARCHITECTURES)}")
+        for key in ("hidden_dim", "out_dim", "predictor_hidden"):
+            need(getattr(m, key) > 0, f"model.{key}", "must be > 0")
+        need(m.num_blocks >= 0, "model.num_blocks", "must be >= 0")
+        need(m.mined_predictor_hidden is None or m.mined_predictor_hidden > 0, "model.mined_predictor_hidden",
+             "must be > 0 or null")
+        for key in ("projector", "mined_projector"):
+            dims = getattr(m, key)
+            need(dims is None or (len(dims) == 2 and min(dims) > 0), f"model.{key}", "must be [hidden, out] or null")
+        need(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+        need(me.name in METHODS, "method.name", f"must be one of {', '.join(METHODS)}, got {me.name!r}")
+        need(me.k >= 1, "method.k", "must be >= 1")
+        need(me.pool_size >= 1, "method.pool_size", "must be >= 1")
+        need(me.mining_weight >= 0, "method.mining_weight", "must be >= 0")
+        need(me.mining_warmup_epochs >= 0, "method.mining_warmup_epochs", "must be >= 0")
+        need(me.mining_ramp_epochs >= 0, "method.mining_ramp_epochs", "must be >= 0")
+        need(o.name in OPTIMIZERS, "optim.name", f"must be one of {', '.join(OPTIMIZERS)}, got {o.name!r}")
+        need(o.lr > 0, "optim.lr", "must be > 0")
+        need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        need(o.warmup_epochs >= 0, "optim.warmup_epochs", "must be >= 0")
+        need(o.batch_size >= 1, "optim.batch_size", "must be a positive batch size")
+        need(0.0 <= o.momentum < 1.0, "optim.momentum", "must be in [0, 1)")
+        need(0.0 <= o.ema_base_tau <= 1.0, "optim.ema_base_tau", "must be in [0, 1]")
+        need(o.ema_schedule in EMA_SCHEDULES, "optim.ema_schedule", f"must be one of {', '.join(EMA_SCHEDULES)}")
+        need(t.epochs >= 1, "train.epochs", "must be >= 1")
+        need(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "must be >= 1 or null")
+        need(t.log_every >= 1, "train.log_every", "must be >= 1")
+        need(t.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
+        need(t.eval_every >= 0, "train.eval_every", "must be >= 0")
+        need(r.device in DEVICES, "run.device", f"must be one of {', '.join(DEVICES)}")
+        need(r.threads >= 0, "run.threads", "must be >= 0")
+        need(0 <= self.metrics.port <= 65535, "metrics.port", "must be 0 (off) or a TCP port")
+        need(self.eval.reach_min_speed >= 0, "eval.reach_min_speed", "must be >= 0")
+        return self
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, value: Any, tp) -> Any:
+    """Check/convert ``value`` against the annotation ``tp``; ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0] if len(errors) == 1 else ConfigError(
+            f"config key '{key}': expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item) if item is not Any else v for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
+    if tp is int:
+        # YAML 1.1 reads "1e3" as a string; accept any integral number
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+    if tp is float:
+        # PyYAML reads 2e-5 (no dot) as a string: accept numeric strings
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+    return value
+
+
+def _section_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _apply(obj: Any, values: dict, prefix: str) -> None:
+    """Set the fields of dataclass ``obj`` from the nested dict ``values``."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {values!r}")
+    hints = _section_types(type(obj))
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if not isinstance(name, str) or name not in hints:
+            raise ConfigError(f"unknown config key '{key}'")
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            _apply(current, value, key + ".")
+        else:
+            setattr(obj, name, _coerce(key, value, hints[name]))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``'optim.lr=2.0e-3'`` -> ``('optim.lr', 0.002)`` (value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value (e.g. --set optim.lr=0.002)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({str(err).splitlines()[0]})")
+    return key, value
+
+
+def _nest(key: str, value: Any) -> dict:
+    out: Any = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def build_config(values: dict | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- ``values`` (nested dict, e.g. from YAML) <- ``overrides`` (``key=value``), validated."""
+    cfg = Config()
+    if values:
+        _apply(cfg, values, "")
+    for text in overrides:
+        key, value = parse_override(text)
+        _apply(cfg, _nest(key, value), "")
+    return cfg.validate()
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """A YAML mapping from ``path`` (empty file -> {}); ConfigError on a missing/bad file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: no such file")
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"--config {path}: cannot read YAML ({str(err).splitlines()[0]})")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of sections (data:, model:, ...) at the top")
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file ``path`` (optional) <- ``--set`` overrides; validated."""
+    return build_config(read_yaml(path) if path else {}, overrides)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Plain nested dict (YAML/JSON/torch.save weights_only friendly)."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML text (sections in definition order)."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)

@@ -1,0 +1,393 @@
+"""``python -m pipeline.evaluate --run RUN_DIR [--data URL] [--export-embeddings OUT.npz]``
+
+Frozen online encoder -> representation of every store row (un-augmented, normalised
+input, eval mode) -> linear read-outs for every task the data has -> one JSON object on
+stdout. Also writes two PNGs into the run directory: a t-SNE of the embedding coloured by
+the main label, and the mined-view label agreement over training steps.
+
+Tasks (splits by trial order / time blocks as in training, DESIGN section 8):
+
+- reach (``labels/target`` and ``behavior/velocity``): bins with hand speed > 5 cm/s; a
+  ridge map from the representation to (cos, sin) of the target angle (target * 45 deg),
+  fit on train, L2 strength chosen by validation accuracy, test metrics at that strength:
+  ``reach_acc`` (circular error < pi/8), ``reach_delta_acc`` (< 3 pi/16), plus
+  ``reach_val_acc``, ``reach_alpha``, ``reach_test_bins``. :func:`reach_readout` is pure,
+  so benchmarks apply the same protocol to raw counts.
+- every label with at least 2 classes (``target`` on moving bins for reach data):
+  multinomial logistic regression, C chosen on validation -> ``<name>_accuracy``,
+  ``<name>_macro_f1``; the bare ``accuracy`` / ``macro_f1`` are those of the main label.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from preprocess.errors import UserError, run_cli, setup_logging
+
+from .build import build_model
+from .checkpoint import CHECKPOINT_NAME, load_checkpoint
+from .cli import OneLineParser, to_json
+from .config import Config, build_config
+from .data import Normalization, Recording, hand_speed, load_recording, split_rows
+
+log = logging.getLogger("pipeline.evaluate")
+PROG = "python -m pipeline.evaluate"
+
+REACH_ALPHAS = 2.0 ** np.arange(-10, 11)  # 21 ridge strengths, 2^-10 .. 2^10
+LOGREG_CS = 10.0 ** np.arange(-3, 4)  # inverse L2 strengths of the logistic regression
+ACC_WINDOW = np.pi / 8  # +-22.5 deg: the nearest of 8 directions
+DELTA_ACC_WINDOW = 3 * np.pi / 16  # +-33.75 deg
+MAX_CLASSES = 64  # labels with more classes are not classification tasks (e.g. ids)
+TSNE_MAX_ROWS = 2000
+
+__all__ = ["circular_error", "angle_accuracy", "reach_readout", "classification_readout", "embed",
+           "evaluate_embedding", "save_plots", "evaluate_run", "main"]
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def circular_error(pred_angle: np.ndarray, true_angle: np.ndarray) -> np.ndarray:
+    """|pred - true| on the circle, in [0, pi] (so 2*pi - 0.1 vs 0 is 0.1)."""
+    d = np.mod(np.asarray(pred_angle, dtype=np.float64) - np.asarray(true_angle, dtype=np.float64), 2 * np.pi)
+    return np.minimum(d, 2 * np.pi - d)
+
+
+def angle_accuracy(pred_xy: np.ndarray, true_angle: np.ndarray) -> tuple[float, float]:
+    """(acc, delta_acc) of predicted (cos, sin) vectors (n, 2) against true angles (n,):
+    the shares with circular error < pi/8 and < 3*pi/16. NaN for n == 0."""
+    pred_xy = np.asarray(pred_xy, dtype=np.float64)
+    if pred_xy.shape[0] == 0:
+        return float("nan"), float("nan")
+    err = circular_error(np.arctan2(pred_xy[:, 1], pred_xy[:, 0]), true_angle)
+    return float(np.mean(err < ACC_WINDOW)), float(np.mean(err < DELTA_ACC_WINDOW))
+
+
+def _standardizer(train: np.ndarray):
+    mean = train.mean(0)
+    std = train.std(0)
+    std = np.where(std > 1e-12, std, 1.0)
+    return lambda x: (np.asarray(x, dtype=np.float64) - mean) / std
+
+
+def reach_readout(features_train: np.ndarray, y_train: np.ndarray, features_val: np.ndarray, y_val: np.ndarray,
+                  features_test: np.ndarray, y_test: np.ndarray, alphas: np.ndarray = REACH_ALPHAS,
+                  n_directions: int = 8) -> dict:
+    """Reach-direction read-out (paper App. D protocol, closed-form ridge).
+
+    Features are standardised with train statistics; for each alpha the map minimises
+    ``mean_i ||W^T x_i + b - [cos a_i, sin a_i]||^2 + alpha ||W||^2`` (b unpenalised) on
+    train; the alpha with the best validation accuracy (ties: better validation
+    delta-accuracy, then the smaller alpha) gives the reported test metrics.
+
+    Args:
+        features_*: (n_split, D) features (representations, or raw rates for baselines).
+        y_*: (n_split,) direction labels 0..n_directions-1; angle = y * 2 pi / n_directions.
+        alphas: ridge strengths to try.
+
+    Returns:
+        {reach_acc, reach_delta_acc, reach_val_acc, reach_val_delta_acc, reach_train_acc,
+         reach_alpha, reach_train_bins, reach_val_bins, reach_test_bins}; accuracies are NaN
+        for an empty split (an empty train split gives only the bin counts).
+    """
+    step = 2 * np.pi / n_directions
+    xtr, xva, xte = (np.asarray(f, dtype=np.float64) for f in (features_train, features_val, features_test))
+    atr, ava, ate = (np.asarray(y, dtype=np.float64) * step for y in (y_train, y_val, y_test))
+    out = {"reach_train_bins": len(atr), "reach_val_bins": len(ava), "reach_test_bins": len(ate)}
+    if len(atr) == 0:
+        return out
+    z = _standardizer(xtr)
+    xtr, xva, xte = z(xtr), z(xva), z(xte)
+    ytr = np.stack([np.cos(atr), np.sin(atr)], axis=1)
+    y_mean = ytr.mean(0)
+    n = len(atr)
+    # One eigendecomposition of the Gram matrix serves every alpha:
+    # W(alpha) = V diag(1 / (e + alpha)) V^T X^T (Y - mean) / n
+    evals, evecs = np.linalg.eigh(xtr.T @ xtr / n)
+    proj = evecs.T @ (xtr.T @ (ytr - y_mean) / n)  # (D, 2)
+    best = None
+    for alpha in alphas:
+        w = evecs @ (proj / (np.maximum(evals, 0.0) + alpha)[:, None])
+        val = angle_accuracy(xva @ w + y_mean, ava) if len(ava) else angle_accuracy(xtr @ w + y_mean, atr)
+        key = tuple(-1.0 if np.isnan(v) else v for v in val)
+        if best is None or key > best[0]:
+            best = (key, float(alpha), w)
+    _, alpha, w = best
+    acc, delta = angle_accuracy(xte @ w + y_mean, ate)
+    val_acc, val_delta = angle_accuracy(xva @ w + y_mean, ava)
+    train_acc, _ = angle_accuracy(xtr @ w + y_mean, atr)
+    out.update(reach_acc=acc, reach_delta_acc=delta, reach_val_acc=val_acc, reach_val_delta_acc=val_delta,
+               reach_train_acc=train_acc, reach_alpha=alpha)
+    return out
+
+
+def classification_readout(features_train: np.ndarray, y_train: np.ndarray, features_val: np.ndarray,
+                           y_val: np.ndarray, features_test: np.ndarray, y_test: np.ndarray,
+                           cs: np.ndarray = LOGREG_CS) -> dict:
+    """Multinomial logistic regression on standardised features; C chosen by validation
+    macro-F1 (ties: accuracy, then the smaller C); test metrics at that C.
+
+    Returns {accuracy, macro_f1, val_accuracy, val_macro_f1, C}, or {} when train has < 2 classes.
+    """
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import f1_score
+
+    if len(np.unique(y_train)) < 2:
+        return {}
+    z = _standardizer(features_train)
+    xtr, xva, xte = z(features_train), z(features_val), z(features_test)
+
+    def scores(clf, x, y):
+        if len(y) == 0:
+            return float("nan"), float("nan")
+        pred = clf.predict(x)
+        return float(np.mean(pred == y)), float(f1_score(y, pred, average="macro", zero_division=0))
+
+    best = None
+    # Ascending C with warm starts: each fit starts from the previous (more regularised)
+    # solution, ~2x faster than cold starts; the chosen model's test metrics are kept.
+    clf = LogisticRegression(max_iter=500, warm_start=True)
+    for c in sorted(cs):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            clf.set_params(C=float(c)).fit(xtr, y_train)
+        val = scores(clf, xva, y_val) if len(y_val) else scores(clf, xtr, y_train)
+        key = tuple(-1.0 if np.isnan(v) else v for v in (val[1], val[0]))
+        if best is None or key > best[0]:
+            best = (key, float(c), scores(clf, xte, y_test), scores(clf, xva, y_val))
+    _, c, (acc, f1), (val_acc, val_f1) = best
+    return {"accuracy": acc, "macro_f1": f1, "val_accuracy": val_acc, "val_macro_f1": val_f1, "C": c}
+
+
+# --------------------------------------------------------------------------- embedding + tasks
+
+
+@torch.no_grad()
+def embed(encoder: torch.nn.Module, rates: torch.Tensor, normalization: Normalization,
+          device: str | torch.device = "cpu", batch_size: int = 8192) -> np.ndarray:
+    """Frozen-encoder representation of every row: (T, N) Hz -> (T, D) float32, row order kept.
+
+    Runs in eval mode (BatchNorm running statistics) on un-augmented normalised input and
+    restores the encoder's previous mode.
+    """
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        parts = [encoder(normalization(rates[i:i + batch_size]).to(device)).float().cpu()
+                 for i in range(0, rates.shape[0], batch_size)]
+    finally:
+        encoder.train(was_training)
+    if not parts:
+        return np.zeros((0, getattr(encoder, "out_dim", 0)), dtype=np.float32)
+    return torch.cat(parts).numpy().astype(np.float32, copy=False)
+
+
+def _task_rows(rec: Recording, splits: dict, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return tuple(splits[s][valid[splits[s]]] for s in ("train", "val", "test"))
+
+
+def evaluate_embedding(embedding: np.ndarray, rec: Recording, split=(0.7, 0.1, 0.2), tasks="auto",
+                       reach_min_speed: float = 5.0) -> dict:
+    """Every task the recording has, on ``embedding`` (T, D) rows aligned with the store.
+
+    ``tasks``: "auto" (all) or a list of task names ("reach" and/or label names).
+    """
+    def wanted(name: str) -> bool:
+        return tasks == "auto" or name in tasks
+
+    splits = split_rows(rec.trial, split)
+    results: dict = {}
+    speed = hand_speed(rec)
+    has_reach = "target" in rec.labels and speed is not None
+    moving = speed > reach_min_speed if speed is not None else None
+    if has_reach and wanted("reach"):
+        target = rec.labels["target"]
+        tr, va, te = _task_rows(rec, splits, moving & (target >= 0))
+        results.update(reach_readout(embedding[tr], target[tr], embedding[va], target[va],
+                                     embedding[te], target[te]))
+    main = rec.main_label
+    for name in sorted(rec.labels, key=lambda n: (n != main, n)):
+        if not wanted(name):
+            continue
+        y = rec.labels[name]
+        valid = y >= 0  # -1 = unknown (e.g. outside trials)
+        if name == "target" and has_reach:
+            valid &= moving
+        classes = np.unique(y[valid])
+        if len(classes) < 2 or len(classes) > MAX_CLASSES:
+            log.info("label %r: %d classes, not evaluated as a classification task", name, len(classes))
+            continue
+        tr, va, te = _task_rows(rec, splits, valid)
+        res = classification_readout(embedding[tr], y[tr], embedding[va], y[va], embedding[te], y[te])
+        if not res:
+            log.info("label %r: fewer than 2 classes in the train split, skipped", name)
+            continue
+        results.update({f"{name}_{k}": v for k, v in res.items()})
+        if name == main:
+            results["accuracy"], results["macro_f1"] = res["accuracy"], res["macro_f1"]
+    return results
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
+def save_plots(run_dir: str | os.PathLike, embedding: np.ndarray, rec: Recording, split=(0.7, 0.1, 0.2),
+               reach_min_speed: float = 5.0, tsne: bool = True, seed: int = 0) -> list[Path]:
+    """``tsne.png`` (t-SNE of <= 2000 rows, moving bins for reach data, coloured by the main
+    label) and ``mined_label_agreement.png`` (from metrics.jsonl). Returns the written paths."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    written = []
+    main = rec.main_label
+    speed = hand_speed(rec)
+    if tsne and len(embedding) >= 5:
+        from sklearn.manifold import TSNE
+
+        rows = np.arange(len(embedding))
+        if main == "target" and speed is not None and (speed > reach_min_speed).sum() >= 5:
+            rows = rows[speed > reach_min_speed]
+        if len(rows) > TSNE_MAX_ROWS:  # evenly spaced in time: deterministic, covers the session
+            rows = rows[np.linspace(0, len(rows) - 1, TSNE_MAX_ROWS).round().astype(int)]
+        xy = TSNE(n_components=2, init="pca", perplexity=min(30.0, (len(rows) - 1) / 3.0),
+                  random_state=seed).fit_transform(embedding[rows].astype(np.float64))
+        fig, ax = plt.subplots(figsize=(6, 5.5))
+        if main is not None:
+            lab = rec.labels[main][rows]
+            known = lab >= 0
+            ax.scatter(xy[~known, 0], xy[~known, 1], s=4, c="lightgrey")
+            sc = ax.scatter(xy[known, 0], xy[known, 1], s=5, c=lab[known],
+                            cmap="hsv" if main == "target" else "tab10")
+            fig.colorbar(sc, ax=ax, label=main)
+        else:
+            ax.scatter(xy[:, 0], xy[:, 1], s=4, c=np.arange(len(rows)), cmap="viridis")
+        ax.set_title(f"t-SNE of the representation ({len(rows)} bins)")
+        ax.set_xticks([]), ax.set_yticks([])
+        fig.tight_layout()
+        path = run_dir / "tsne.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    rows = [r for r in _read_metrics(run_dir / "metrics.jsonl") if r.get("mined_label_agreement_ratio") is not None]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if rows:
+        ax.plot([r["step"] for r in rows], [r["mined_label_agreement_ratio"] for r in rows], lw=1)
+        if main is not None:  # agreement of a random pick: sum_c p_c^2 over the train split
+            lab = rec.labels[main][split_rows(rec.trial, split)["train"]]
+            lab = lab[lab >= 0]
+            if len(lab):
+                p = np.bincount(lab) / len(lab)
+                ax.axhline(float((p ** 2).sum()), color="grey", ls="--", lw=1, label="random pick")
+                ax.legend(loc="lower right")
+    else:
+        ax.text(0.5, 0.5, "no mined views logged (BYOL, or no labels)", ha="center", va="center",
+                transform=ax.transAxes)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"mined label agreement{f' ({main})' if main else ''}")
+    ax.set_ylim(0, 1)
+    fig.tight_layout()
+    path = run_dir / "mined_label_agreement.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+    return written
+
+
+# --------------------------------------------------------------------------- run-level
+
+
+def load_run(run_dir: str | os.PathLike) -> tuple[Config, dict]:
+    """(config, checkpoint) of a run directory; UserError naming what is missing."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"--run {run_dir}: no such run directory")
+    ckpt = load_checkpoint(run_dir / CHECKPOINT_NAME)
+    return build_config(ckpt["config"]), ckpt
+
+
+def export_embeddings(path: str | os.PathLike, embedding: np.ndarray, rec: Recording) -> None:
+    """``embedding`` (T, D) float32 + ``bin_start_s`` + ``trial``, written atomically."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise UserError(f"--export-embeddings {path}: directory {path.parent} does not exist")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, embedding=embedding.astype(np.float32), bin_start_s=rec.bin_start_s, trial=rec.trial)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def evaluate_run(run_dir: str | os.PathLike, data: str | None = None, export: str | None = None,
+                 plots: bool = True) -> dict:
+    """Evaluate a run's final checkpoint on its store (or ``data``); returns the metrics dict."""
+    cfg, ckpt = load_run(run_dir)
+    url = data or cfg.data.path
+    if not url:
+        raise UserError("the run's config has no data.path; pass --data STORE_URL")
+    rec = load_recording(url, cfg.data.storage_options)
+    norm = Normalization.from_state_dict(ckpt["normalization"])
+    if norm.mean.shape[0] != rec.n_units:
+        raise UserError(f"{url}: has {rec.n_units} units but the run was trained on {norm.mean.shape[0]}; "
+                        "pass the store the run was trained on (--data)")
+    model = build_model(cfg, rec.n_units)
+    model.load_state_dict(ckpt["model"])
+    emb = embed(model.encoder, rec.rates, norm)
+    results = evaluate_embedding(emb, rec, cfg.data.split, cfg.eval.tasks, cfg.eval.reach_min_speed)
+    results["step"] = int(ckpt["step"])
+    if export:
+        export_embeddings(export, emb, rec)
+    if plots:
+        save_plots(run_dir, emb, rec, cfg.data.split, cfg.eval.reach_min_speed, cfg.eval.tsne, cfg.run.seed)
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog=PROG, description="Evaluate a trained run: frozen encoder -> linear read-outs "
+                      "(reach direction, labels) -> one JSON object on stdout; t-SNE and mining plots in the run dir.")
+    p.add_argument("--run", required=True, metavar="RUN_DIR", help="run directory (holds checkpoint.pt)")
+    p.add_argument("--data", metavar="URL", help="recording store to evaluate on (default: the run's data.path)")
+    p.add_argument("--export-embeddings", metavar="OUT.npz",
+                   help="write embedding (T, D) float32, one row per store row, + bin_start_s, trial")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    results = evaluate_run(args.run, args.data, args.export_embeddings, plots=not args.no_plots)
+    print(to_json(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, None, PROG))

@@ -1,0 +1,222 @@
+"""pipeline.train: a short run on a tiny store, determinism, exact resume, checkpoints, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import train as train_mod
+from pipeline.build import build_model, build_optimizer
+from pipeline.checkpoint import CHECKPOINT_KEYS, load_checkpoint
+from pipeline.config import build_config, load_config
+from pipeline.data import build_train_data
+from pipeline.train import Plan, schedules, train, train_step
+from preprocess.errors import run_cli
+from pipeline_helpers import REPO, make_store, tiny_overrides
+
+STEP_KEYS = {"loss_augmented", "loss_mined", "loss_total", "mining_weight", "learning_rate", "ema_momentum",
+             "mining_pool_size", "mined_same_trial_ratio", "mined_time_gap_seconds",
+             "mined_label_agreement_ratio", "embedding_std"}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    return make_store(tmp_path_factory.mktemp("train"), n_trials=40, bins_per_trial=12, n_units=16)
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_smoke_writes_run_and_is_deterministic(store, tmp_path):
+    cfg = build_config(overrides=tiny_overrides(store, tmp_path / "a", steps=30))
+    run_dir, results = train(cfg)
+    assert run_dir == tmp_path / "a"
+    for name in ("metrics.jsonl", "config.yaml", "checkpoint.pt", "eval.json", "mined_label_agreement.png"):
+        assert (run_dir / name).is_file(), name
+    rows = _metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    for r in rows:
+        assert STEP_KEYS | {"step", "epoch", "samples", "step_seconds", "data_wait_seconds"} <= set(r)
+        assert math.isfinite(r["loss_total"]) and math.isfinite(r["loss_augmented"])
+        assert r["mined_same_trial_ratio"] == 0.0  # same-trial candidates are excluded
+        assert r["mining_pool_size"] == 64 and r["samples"] == 32 * r["step"]
+        assert 0.0 <= r["mined_label_agreement_ratio"] <= 1.0
+    assert rows[-1]["mining_weight"] == 1.0 and rows[0]["learning_rate"] > 0
+    # resolved config, loadable as is
+    assert load_config(run_dir / "config.yaml") == cfg
+    ckpt = load_checkpoint(run_dir / "checkpoint.pt")  # weights_only=True
+    assert set(CHECKPOINT_KEYS) <= set(ckpt) and ckpt["step"] == 30
+    assert ckpt["normalization"]["mean"].shape == (16,)
+    assert {"reach_acc", "reach_delta_acc", "accuracy", "macro_f1"} <= set(results)
+
+    # same seed -> identical losses
+    again, _ = train(build_config(overrides=tiny_overrides(store, tmp_path / "b", steps=30)))
+    keys = ("loss_augmented", "loss_mined", "loss_total", "embedding_std", "mined_label_agreement_ratio")
+    assert [[r[k] for k in keys] for r in _metrics(again)] == [[r[k] for k in keys] for r in rows]
+    other, _ = train(build_config(overrides=tiny_overrides(store, tmp_path / "c", steps=30, **{"run.seed": 1})))
+    assert [r["loss_total"] for r in _metrics(other)] != [r["loss_total"] for r in rows]
+
+
+def test_resume_continues_the_exact_sequence(store, tmp_path, monkeypatch):
+    full_dir = tmp_path / "full"
+    train(build_config(overrides=tiny_overrides(store, full_dir, steps=24)))
+
+    # interrupted run: checkpoint every 10 steps, killed while fetching step 16's batch
+    cut_dir = tmp_path / "cut"
+    cfg = build_config(overrides=tiny_overrides(store, cut_dir, steps=24, **{"train.checkpoint_every": 10}))
+    data = build_train_data(cfg)
+    real_next = type(data.anchors).__next__
+    calls = {"n": 0}
+
+    class Interrupted(Exception):
+        pass
+
+    def flaky_next(self):
+        calls["n"] += 1
+        if calls["n"] == 16:
+            raise Interrupted
+        return real_next(self)
+
+    monkeypatch.setattr(type(data.anchors), "__next__", flaky_next)
+    with pytest.raises(Interrupted):
+        train(cfg, data=data)
+    monkeypatch.undo()
+    assert load_checkpoint(cut_dir / "checkpoint.pt")["step"] == 10
+    assert max(r["step"] for r in _metrics(cut_dir)) == 15
+
+    train(cfg)  # resumes from step 10, rewrites metrics after it
+    got, expect = _metrics(cut_dir), _metrics(full_dir)
+    assert [r["step"] for r in got] == list(range(1, 25))
+    for g, e in zip(got, expect):
+        assert (g["loss_total"], g["loss_mined"], g["embedding_std"]) == (e["loss_total"], e["loss_mined"],
+                                                                            e["embedding_std"])
+    a = torch.load(cut_dir / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(full_dir / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_byol_skips_mining_with_the_same_step(store, tmp_path):
+    run_dir, results = train(build_config(overrides=tiny_overrides(store, tmp_path / "byol", steps=10,
+                                                                   **{"method.name": "byol", "train.eval_every": 5})))
+    evals = [json.loads(line) for line in (run_dir / "evaluations.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [5, 10] and "reach_acc" in evals[0]
+    for r in _metrics(run_dir):
+        assert r["mining_weight"] == 0.0 and r["loss_mined"] is None and r["mining_pool_size"] is None
+        assert r["loss_total"] == pytest.approx(r["loss_augmented"])
+    assert "reach_acc" in results
+
+
+def test_train_step_contract(store):
+    cfg = build_config(overrides=tiny_overrides(store, Path("unused")))
+    data = build_train_data(cfg)
+    plan = Plan.build(cfg, data.steps_per_epoch, data.min_time_gap_s)
+    torch.manual_seed(0)
+    model = build_model(cfg, data.recording.n_units)
+    opt = build_optimizer(cfg, model.online_parameters())
+    gathered = {}
+
+    def gather(pool_y, pool_meta):  # the distributed seam: sees the pool representations + metadata
+        gathered["shape"] = tuple(pool_y.shape)
+        gathered["keys"] = set(pool_meta)
+        return pool_y, pool_meta
+
+    before = [p.detach().clone() for p in model.target.parameters()]
+    out = train_step(model, opt, next(data.anchors), next(data.pool), 5, cfg, torch.Generator().manual_seed(0),
+                     plan=plan, gather=gather)
+    assert STEP_KEYS <= set(out) and all(isinstance(out[k], float) for k in STEP_KEYS)
+    assert gathered == {"shape": (64, 8), "keys": {"store", "time", "trial", "row", "label"}}
+    lr, tau, lam = schedules(5, cfg, plan)
+    assert opt.param_groups[0]["lr"] == lr == out["learning_rate"] and out["mining_weight"] == lam
+    assert out["loss_total"] == pytest.approx(out["loss_augmented"] + lam * out["loss_mined"], abs=1e-5)
+    after = list(model.target.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))  # EMA moved the target
+
+
+def test_schedules_follow_the_plan():
+    cfg = build_config(overrides=["optim.warmup_epochs=10", "method.mining_ramp_epochs=10", "train.epochs=100",
+                                  "optim.lr=0.1", "method.mining_weight=1.0"])
+    plan = Plan.build(cfg, steps_per_epoch=2)
+    assert plan.total_steps == 200 and plan.warmup_steps == 20 and plan.mining_ramp_steps == 20
+    lr0, tau0, lam0 = schedules(0, cfg, plan)
+    assert lr0 == pytest.approx(0.1 / 20) and tau0 == pytest.approx(0.98) and lam0 == pytest.approx(1 / 20)
+    assert schedules(19, cfg, plan)[0] == pytest.approx(0.1) and schedules(19, cfg, plan)[2] == 1.0
+    assert schedules(200, cfg, plan)[1] == pytest.approx(1.0)
+    assert build_config(overrides=["train.max_steps=7"]).train.max_steps == 7
+    assert Plan.build(build_config(overrides=["train.max_steps=7"]), 3).total_steps == 7
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert run_cli(train_mod.main, ["--set", "optim.lrr=1"], "train") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["train: error: unknown config key 'optim.lrr'"]
+    assert run_cli(train_mod.main, ["--set", f"data.path={tmp_path / 'nope.zarr'}", "--set",
+                                    f"run.dir={tmp_path / 'r'}"], "train") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no recording store" in err[0]
+    assert not (tmp_path / "r").exists()  # nothing partial left behind
+    assert run_cli(train_mod.main, ["--config", str(tmp_path / "missing.yaml")], "train") == 2
+
+
+def test_cli_help():
+    out = subprocess.run([sys.executable, "-m", "pipeline.train", "--help"], cwd=REPO, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and "--set" in out.stdout and "demo" in out.stdout
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_prometheus_endpoint():
+    import urllib.request
+
+    from pipeline.metrics import MetricsServer, make_metrics
+
+    server = MetricsServer("127.0.0.1", _free_port(), rank=0, world_size=1)
+    try:
+        out = {"loss_augmented": -1.5, "loss_mined": -0.5, "loss_total": -2.0, "mining_weight": 1.0,
+               "learning_rate": 0.01, "ema_momentum": 0.99, "mining_pool_size": 64.0,
+               "mined_same_trial_ratio": 0.0, "mined_time_gap_seconds": 3.2, "mined_label_agreement_ratio": 0.4,
+               "embedding_std": 0.1}
+        server.update(out, 32, 0.004, 0.001)
+        server.update(out, 64, 0.006, 0.002)
+        host, port = server.address
+        text = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10).read().decode()
+    finally:
+        server.close()
+    for line in ('myow_train_steps_total{rank="0"} 2', 'myow_train_samples_total{rank="0"} 64',
+                 'myow_loss{term="mined",rank="0"} -0.5', 'myow_mined_same_trial_ratio{rank="0"} 0.0',
+                 'myow_step_seconds_count{rank="0"} 2', 'myow_data_wait_seconds_bucket{rank="0",le="+Inf"} 2',
+                 'myow_world_size{rank="0"} 1', "# TYPE myow_step_seconds histogram"):
+        assert line in text, line
+    assert type(make_metrics("127.0.0.1", 0)).__name__ == "NullMetrics"
+
+
+def test_metrics_port_in_use_is_one_line_error(store, tmp_path):
+    import socket
+
+    from preprocess.errors import UserError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        cfg = build_config(overrides=tiny_overrides(store, tmp_path / "m", steps=2, **{"metrics.port": port}))
+        with pytest.raises(UserError, match="metrics.port"):
+            train(cfg)
+
+
+def test_training_with_metrics_endpoint(store, tmp_path):
+    cfg = build_config(overrides=tiny_overrides(store, tmp_path / "p", steps=3, **{"metrics.port": _free_port()}))
+    run_dir, _ = train(cfg)
+    assert len(_metrics(run_dir)) == 3
