@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-import torchvision
 
 __all__ = ["MLPEncoder", "resnet_cifar", "SmallConvNet", "build_encoder", "ENCODER_KINDS"]
 
@@ -76,6 +75,8 @@ def resnet_cifar(depth: int = 18, in_channels: int = 3) -> nn.Module:
     Returns:
         the module, with attribute ``out_dim``. Shapes: (B, in_channels, H, W) -> (B, out_dim).
     """
+    import torchvision  # lazily: importing it costs ~1 s on every command that never builds a ResNet
+
     if depth == 18:
         net = torchvision.models.resnet18(weights=None)
         out_dim = 512

@@ -167,19 +167,25 @@ class MYOW(nn.Module):
             return t["mined_projector"](y)
         return t["projector"](y)
 
-    def augmented_loss(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    def augmented_loss(self, x1: torch.Tensor, x2: torch.Tensor, return_representation: bool = False):
         """Symmetric BYOL loss between two augmented views of the same B samples.
 
         d(q(g(f(x1))), g'(f'(x2))) + d(q(g(f(x2))), g'(f'(x1))), averaged over the batch
         (:func:`model.losses.byol_loss`); scalar in [-2, 2]. Views go through the
         networks separately so BatchNorm statistics are per view, as in BYOL.
+
+        With ``return_representation`` also returns the online y1 = f(x1) (B, D), with
+        grad: it can serve as the anchors' mining representation (myow-neuro mines with
+        view 1), which saves a third view's augmentation, forward and backward.
         """
-        p1 = self.predictor(self.projector(self.encoder(x1)))
+        y1 = self.encoder(x1)
+        p1 = self.predictor(self.projector(y1))
         p2 = self.predictor(self.projector(self.encoder(x2)))
         with torch.no_grad():
             t1 = self.target["projector"](self.target["encoder"](x1))
             t2 = self.target["projector"](self.target["encoder"](x2))
-        return losses.byol_loss(p1, t2, p2, t1)
+        loss = losses.byol_loss(p1, t2, p2, t1)
+        return (loss, y1) if return_representation else loss
 
     @torch.no_grad()
     def target_representation(self, x: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,7 @@ EMA_SCHEDULES = ("cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 ENCODERS = ("mlp",)  # neural data; image encoders arrive with the image pipeline
 ARCHITECTURES = ("cascaded", "parallel", "single")
+MINING_VIEWS = ("separate", "anchor")
 
 
 class ConfigError(UsageError):
@@ -101,6 +102,9 @@ class MethodConfig:
     mining_weight: float = 1.0  # lambda
     mining_warmup_epochs: float = 0.0  # lambda = 0 during these epochs
     mining_ramp_epochs: float = 10.0  # then a linear ramp to mining_weight
+    # The anchors' mining input x_m: "separate" = a third draw t_m(s) (paper Algorithm 1);
+    # "anchor" = view 1 itself, reusing its online representation (myow-neuro; cheaper).
+    mining_view: str = "separate"
 
 
 @dataclass
@@ -198,6 +202,7 @@ class Config:
         need(me.mining_weight >= 0, "method.mining_weight", "must be >= 0")
         need(me.mining_warmup_epochs >= 0, "method.mining_warmup_epochs", "must be >= 0")
         need(me.mining_ramp_epochs >= 0, "method.mining_ramp_epochs", "must be >= 0")
+        need(me.mining_view in MINING_VIEWS, "method.mining_view", f"must be one of {', '.join(MINING_VIEWS)}")
         need(o.name in OPTIMIZERS, "optim.name", f"must be one of {', '.join(OPTIMIZERS)}, got {o.name!r}")
         need(o.lr > 0, "optim.lr", "must be > 0")
         need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")

@@ -497,7 +497,8 @@ def build_train_data(cfg: Config, recording: Recording | None = None, normalizat
     augment = Augmenter(cfg.augment, normalization)
     seed = cfg.run.seed
     anchors = AnchorSampler(samples, augment, cfg.optim.batch_size, derive_seed(seed, 1, rank),
-                            structured=cfg.augment.structured, mining_view=cfg.effective_mining_weight > 0)
+                            structured=cfg.augment.structured,
+                            mining_view=cfg.effective_mining_weight > 0 and cfg.method.mining_view == "separate")
     pool = PoolSampler(samples, augment, cfg.method.pool_size, derive_seed(seed, 2, rank))
     gap = cfg.data.min_time_gap_s
     if gap is None:

@@ -110,18 +110,6 @@ def identity_gather(pool_y: torch.Tensor, pool_meta: Meta) -> tuple[torch.Tensor
     return pool_y, pool_meta
 
 
-@contextlib.contextmanager
-def capture_outputs(module: torch.nn.Module):
-    """Collect ``module``'s (detached) outputs during the block: the online representations
-    computed inside ``MYOW.augmented_loss``, for monitoring without a second forward pass."""
-    outputs: list[torch.Tensor] = []
-    handle = module.register_forward_hook(lambda _m, _i, out: outputs.append(out.detach()))
-    try:
-        yield outputs
-    finally:
-        handle.remove()
-
-
 @torch.no_grad()
 def mining_stats(idx: torch.Tensor, meta: Meta, pool_meta: Meta, pool_size: int) -> dict[str, float]:
     """Monitoring of the mined pairs (labels are only read here, never trained on).
@@ -177,17 +165,16 @@ def train_step(model: MYOW, optimizer: torch.optim.Optimizer,
     for group in optimizer.param_groups:
         group["lr"] = lr
 
-    # Augmented views: symmetric BYOL loss; keep the online y(x1) for the collapse monitor.
-    with capture_outputs(model.encoder) as reps:
-        loss_aug = model.augmented_loss(x1, x2)
-    y1 = reps[0]
+    # Augmented views: symmetric BYOL loss; the online y(x1) feeds the collapse monitor and,
+    # with method.mining_view "anchor", the miner.
+    loss_aug, y1 = model.augmented_loss(x1, x2, return_representation=True)
 
     stats: dict = dict.fromkeys(MINING_METRICS)
     if lam > 0 and pool is not None:
         # Mining (Algorithm 1, "Mine views"): online y of the anchors' mining views against
         # target y of the independent pool; the same pool serves every anchor.
         x_pool, pool_meta = pool
-        y_m = model.online_mining_representation(x_m)  # (B, D), with grad
+        y_m = y1 if x_m is None else model.online_mining_representation(x_m)  # (B, D), with grad
         pool_y = model.target_representation(x_pool)  # (L, D), no grad
         pool_y, pool_meta = gather(pool_y, pool_meta)  # (world_size * L, D)
         stores = (meta["store"], pool_meta["store"]) if plan.multi_store else (None, None)
@@ -207,7 +194,7 @@ def train_step(model: MYOW, optimizer: torch.optim.Optimizer,
     model.update_target(tau)
 
     with torch.no_grad():
-        emb_std = F.normalize(y1.float(), dim=1).std(dim=0).mean()
+        emb_std = F.normalize(y1.detach().float(), dim=1).std(dim=0).mean()
     l_aug, l_mined, l_total, emb_std = torch.stack(
         [loss_aug.detach(), loss_mined.detach(), loss.detach(), emb_std]).double().tolist()
     return {"loss_augmented": l_aug, "loss_mined": l_mined if stats["mined_valid_ratio"] is not None else None,

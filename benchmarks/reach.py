@@ -1,0 +1,117 @@
+"""The Chewie-1 row of the paper's Table 3 in one run; prints one JSON line.
+
+MYOW and BYOL (configs/reach_myow.yaml and reach_byol.yaml, the same seeds for both),
+the supervised MLP (configs/reach_supervised.yaml) and a ridge read-out of the raw
+firing rates, on the same split (trials 70/10/20 in recording order), moving bins only
+(hand speed > 5 cm/s). Every method picks its read-out strength (or its epoch, for the
+supervised MLP) on the validation split; the test split is only reported.
+
+For each method: mean and standard deviation over seeds of test accuracy and
+delta-accuracy (and of the validation figures, which are what configs may be tuned on),
+the per-seed values and the seconds per run.
+
+Usage: python benchmarks/reach.py [--seeds 0 1 2] [--set key=value ...] [--methods myow byol supervised raw]
+       (--set applies to the MYOW and BYOL runs alike)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.data import Normalization, load_recording  # noqa: E402
+from pipeline.evaluate import reach_readout  # noqa: E402
+from pipeline.supervised import fit_supervised, reach_task_rows  # noqa: E402
+from pipeline.train import set_threads, train  # noqa: E402
+
+CHEWIE = ROOT.parent / "shared" / "data" / "reach-chewie-2013-10-03" / "chewie-2013-10-03-binned-100ms.npz"
+KEYS = ("reach_acc", "reach_delta_acc", "reach_val_acc", "reach_val_delta_acc")
+
+
+def summarize(runs: list[dict]) -> dict:
+    out = {}
+    for key in KEYS:
+        values = [r[key] for r in runs]
+        out[key] = round(statistics.fmean(values), 4)
+        out[key + "_std"] = round(statistics.pstdev(values), 4) if len(values) > 1 else 0.0
+        out[key + "_per_seed"] = [round(v, 4) for v in values]
+    out["seconds_per_run"] = round(statistics.fmean(r["seconds"] for r in runs), 2)
+    return out
+
+
+def run_ssl(config: str, store: str, seed: int, overrides: list[str], tmp: str) -> dict:
+    cfg = load_config(str(ROOT / "configs" / config),
+                      [f"data.path={store}", f"run.seed={seed}", f"run.dir={tmp}/{config}-{seed}",
+                       "run.progress=false", "eval.tsne=false", "run.resume=false", *overrides])
+    t0 = time.perf_counter()
+    _, results = train(cfg)
+    return {**{k: results[k] for k in KEYS}, "seconds": time.perf_counter() - t0}
+
+
+def run_supervised(store: str, seed: int) -> dict:
+    cfg = load_config(str(ROOT / "configs" / "reach_supervised.yaml"), [f"data.path={store}", f"run.seed={seed}"])
+    t0 = time.perf_counter()
+    rec = load_recording(store)
+    results = fit_supervised(cfg, rec, reach_task_rows(rec, cfg.data.split, cfg.eval.reach_min_speed))
+    return {**{k: results[k] for k in KEYS}, "seconds": time.perf_counter() - t0}
+
+
+def run_raw(store: str) -> dict:
+    """Ridge on z-scored raw rates (train statistics), alpha on validation."""
+    t0 = time.perf_counter()
+    rec = load_recording(store)
+    rows = reach_task_rows(rec)
+    norm = Normalization.fit(rec.rates[torch.from_numpy(rows["train"])])
+    feats = {s: norm(rec.rates[torch.from_numpy(r)]).numpy() for s, r in rows.items()}
+    y = {s: rec.labels["target"][r] for s, r in rows.items()}
+    results = reach_readout(feats["train"], y["train"], feats["val"], y["val"], feats["test"], y["test"])
+    return {**{k: results[k] for k in KEYS}, "seconds": time.perf_counter() - t0}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--methods", nargs="+", default=["myow", "byol", "supervised", "raw"])
+    p.add_argument("--data", default=str(CHEWIE))
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    set_threads(0)
+    result: dict = {"benchmark": "reach", "dataset": "chewie-2013-10-03", "seeds": args.seeds,
+                    "overrides": args.overrides}
+    with tempfile.TemporaryDirectory() as tmp:
+        from preprocess.bin_spikes import main as bin_main
+
+        store = os.path.join(tmp, "chewie.zarr")
+        if bin_main([args.data, "--out", store, "--no-progress"]) != 0:
+            raise SystemExit("could not build the store")
+        for method in args.methods:
+            if method in ("myow", "byol"):
+                runs = [run_ssl(f"reach_{method}.yaml", store, s, args.overrides, tmp) for s in args.seeds]
+            elif method == "supervised":
+                runs = [run_supervised(store, s) for s in args.seeds]
+            elif method == "raw":
+                runs = [run_raw(store)]  # deterministic: one run
+            else:
+                raise SystemExit(f"unknown method {method!r}")
+            result[method] = summarize(runs)
+            print(f"{method}: " + json.dumps(result[method]), file=sys.stderr)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

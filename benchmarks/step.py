@@ -1,0 +1,129 @@
+"""MYOW vs BYOL time per optimizer step, in one run; prints one JSON line.
+
+Neural setting: the reach config on Chewie-1 (B = 512 anchors, L = 1024 candidates, MLP
+encoder), step = sampling both streams + ``pipeline.train.train_step``; measured for both
+mining views (``separate``: a third augmented draw, Algorithm 1; ``anchor``: view 1, as
+myow-neuro). Image setting: a small convnet with MLP(., 512, 128) heads on 28x28 inputs,
+B = L = 256, views given as tensors (the data path is not timed there).
+
+MYOW and BYOL steps are interleaved in blocks so machine noise hits both alike; the
+figures are medians over the timed steps after a warm-up.
+
+Usage: python benchmarks/step.py [--steps 150] [--data ../shared/data/.../chewie.npz]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from model import MYOW, SmallConvNet, exclusion_mask, mine_views  # noqa: E402
+from pipeline.build import build_model, build_optimizer  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.data import build_train_data  # noqa: E402
+from pipeline.train import Plan, set_threads, train_step  # noqa: E402
+
+CHEWIE = ROOT.parent / "shared" / "data" / "reach-chewie-2013-10-03" / "chewie-2013-10-03-binned-100ms.npz"
+
+
+def neural_stepper(store: str, method: str, mining_view: str, seed: int = 0):
+    cfg = load_config(str(ROOT / "configs" / "reach_myow.yaml"),
+                      [f"data.path={store}", f"method.name={method}", f"method.mining_view={mining_view}",
+                       f"run.seed={seed}", "run.progress=false"])
+    data = build_train_data(cfg)
+    plan = Plan.build(cfg, data.steps_per_epoch, data.min_time_gap_s)
+    torch.manual_seed(seed)
+    model = build_model(cfg, data.recording.n_units).train()
+    opt = build_optimizer(cfg, model.online_parameters())
+    gen = torch.Generator().manual_seed(seed)
+    # time the steady state: past the warm-up/ramp of lambda
+    state = {"step": plan.mining_ramp_steps + 1}
+
+    def step() -> None:
+        anchors = next(data.anchors)
+        pool = next(data.pool) if cfg.effective_mining_weight > 0 else None
+        train_step(model, opt, anchors, pool, state["step"], cfg, gen, plan=plan)
+        state["step"] += 1
+    return step
+
+
+def image_stepper(method: str, batch: int = 256, pool_size: int = 256, seed: int = 0):
+    torch.manual_seed(seed)
+    model = MYOW(SmallConvNet(1, 128), (512, 128), 512, (512, 128), 512).train()
+    opt = torch.optim.SGD(model.online_parameters(), lr=0.03, momentum=0.9, weight_decay=5e-4)
+    gen = torch.Generator().manual_seed(seed)
+    x1, x2, xm, xp = (torch.randn(n, 1, 28, 28) for n in (batch, batch, batch, pool_size))
+    ids = torch.arange(batch)
+
+    def step() -> None:
+        loss = model.augmented_loss(x1, x2)
+        if method == "myow":
+            y_m = model.online_mining_representation(xm)
+            pool_y = model.target_representation(xp)
+            exclude = exclusion_mask(anchor_trial=ids, pool_trial=torch.arange(pool_size) + batch)
+            idx = mine_views(y_m.detach(), pool_y, 1, gen, exclude)
+            loss = loss + 0.1 * model.mined_loss(y_m, pool_y, idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        model.update_target(0.996)
+    return step
+
+
+def interleaved(steppers: dict, steps: int, warmup: int, block: int = 10) -> dict[str, float]:
+    """Median seconds per step of each stepper, run in alternating blocks."""
+    times = {name: [] for name in steppers}
+    for name, fn in steppers.items():
+        for _ in range(warmup):
+            fn()
+    for _ in range(0, steps, block):
+        for name, fn in steppers.items():
+            for _ in range(block):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--data", default=str(CHEWIE))
+    p.add_argument("--threads", type=int, default=0)
+    args = p.parse_args()
+    threads = set_threads(args.threads)
+    torch.set_flush_denormal(True)
+    result: dict = {"benchmark": "step", "threads": threads, "steps": args.steps}
+    with tempfile.TemporaryDirectory() as tmp:
+        from preprocess.bin_spikes import main as bin_main
+
+        store = os.path.join(tmp, "reach.zarr")
+        if bin_main([args.data, "--out", store, "--no-progress"]) != 0:
+            raise SystemExit("could not build the store")
+        med = interleaved({"myow_separate": neural_stepper(store, "myow", "separate"),
+                           "myow_anchor": neural_stepper(store, "myow", "anchor"),
+                           "byol": neural_stepper(store, "byol", "separate")}, args.steps, args.warmup)
+    result["neural_ms"] = {k: round(v * 1000, 3) for k, v in med.items()}
+    result["neural_myow_over_byol"] = round(med["myow_separate"] / med["byol"], 3)
+    result["neural_myow_anchor_view_over_byol"] = round(med["myow_anchor"] / med["byol"], 3)
+    med = interleaved({"myow": image_stepper("myow"), "byol": image_stepper("byol")}, max(20, args.steps // 5),
+                      max(3, args.warmup // 5), block=5)
+    result["image_ms"] = {k: round(v * 1000, 2) for k, v in med.items()}
+    result["image_myow_over_byol"] = round(med["myow"] / med["byol"], 3)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
