@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
-from preprocess.errors import UsageError
+from preprocess.errors import OneLineParser
 
 __all__ = ["OneLineParser", "to_json"]
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports usage errors as one line (exit 2) through ``run_cli``."""
-
-    def error(self, message: str):
-        raise UsageError(f"{message} (see --help)")
 
 
 def _plain(value):

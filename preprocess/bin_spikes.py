@@ -24,7 +24,7 @@ from dask.callbacks import Callback
 from tqdm import tqdm
 
 from . import binning, sources
-from .errors import UsageError, UserError, run_cli, setup_logging
+from .errors import OneLineParser, UsageError, UserError, run_cli, setup_logging
 from .store import COUNTS_COMPRESSOR, StoreLayout, StoreWriter, count_dtype, join_url, open_array
 
 log = logging.getLogger("preprocess.bin_spikes")
@@ -35,13 +35,6 @@ PROCESSES_FROM_BLOCKS = 8  # below this many blocks, starting worker processes c
 
 class CountOverflow(Exception):
     """A bin exceeded the dtype chosen for counts: rewrite with a wider dtype."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports usage errors as one line (exit 2)."""
-
-    def error(self, message: str):
-        raise UsageError(f"{message} (see --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:

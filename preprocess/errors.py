@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from typing import Callable
@@ -24,6 +25,13 @@ class UserError(Exception):
 class UsageError(UserError):
     def __init__(self, message: str):
         super().__init__(message, EXIT_USAGE)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line (exit 2) through ``run_cli``."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see --help)")
 
 
 def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None, prog: str) -> int:

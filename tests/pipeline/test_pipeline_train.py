@@ -220,3 +220,27 @@ def test_training_with_metrics_endpoint(store, tmp_path):
     cfg = build_config(overrides=tiny_overrides(store, tmp_path / "p", steps=3, **{"metrics.port": _free_port()}))
     run_dir, _ = train(cfg)
     assert len(_metrics(run_dir)) == 3
+
+
+def test_mining_view_anchor_reuses_view_one(store, tmp_path):
+    """mining_view=anchor draws no third view and mines with y(x1); exclusion still holds."""
+    cfg = build_config(overrides=tiny_overrides(store, tmp_path / "anchor", steps=12,
+                                                **{"method.mining_view": "anchor"}))
+    data = build_train_data(cfg)
+    x1, x2, x_m, meta = next(data.anchors)
+    assert x_m is None and x1.shape == x2.shape
+    run_dir, _ = train(cfg)
+    rows = _metrics(run_dir)
+    assert all(r["mined_same_trial_ratio"] == 0.0 and math.isfinite(r["loss_total"]) for r in rows)
+    assert rows[-1]["loss_mined"] is not None
+
+
+def test_augmented_loss_can_return_the_online_representation():
+    from model import MLPEncoder, MYOW
+
+    torch.manual_seed(0)
+    model = MYOW(MLPEncoder(6, 8, 2, 4), None, 8)
+    x1, x2 = torch.randn(5, 6), torch.randn(5, 6)
+    loss, y1 = model.augmented_loss(x1, x2, return_representation=True)
+    assert y1.shape == (5, 4) and y1.requires_grad
+    torch.testing.assert_close(loss, model.augmented_loss(x1, x2))
