@@ -76,7 +76,9 @@ class Recording:
     label_categories: dict[str, list[str]] = field(default_factory=dict)
     behavior: dict[str, np.ndarray] = field(default_factory=dict)
     bin_start_s: np.ndarray | None = None
-    max_count_bound: int = 2**32 - 1  # an upper bound of any bin's count, to pick the dtype
+    # a bound of any bin's count, to pick the dtype; 0 = unknown: start with uint16, and the
+    # writer rewrites as uint32 if a block overflows (counts never wrap)
+    max_count_bound: int = 0
     expected_spikes: int | None = None  # spikes of the selected units, checked against the written counts
 
     @property

@@ -167,6 +167,7 @@ def test_nwb_written_by_pynwb_is_binned(tmp_path):
     g = run_ok([str(path), "--out", str(tmp_path / "n.zarr"), "--bin-size", "0.1", "--units", "good"])
     counts = g["counts"][:]
     assert counts.shape[1] == 2 and g["units/quality"][:].tolist() == ["good", "good"]
+    assert counts.dtype == np.uint16  # unknown bound: uint16 first, uint32 only on overflow
     edges = g["bin_start_s"][:]
     for col, t in enumerate([unit_times[0], unit_times[2]]):
         ref = np.array([np.sum((t >= edges[k]) & (t < (edges[k + 1] if k + 1 < len(edges) else np.inf)))
