@@ -1,17 +1,17 @@
-"""Prometheus metrics of one training process (DESIGN section 6), without extra dependencies.
+"""Prometheus metrics of one training process (DESIGN section 6), with prometheus_client.
 
-``MetricsServer(host, port, rank, world_size)`` serves the text exposition format on
-``http://host:port/metrics`` from a daemon thread; the training loop calls
-:meth:`MetricsServer.update` once per step (a few dict writes, no I/O). Every series has
-the label ``rank``. With ``metrics.port: 0`` the loop uses :class:`NullMetrics` instead.
+``MetricsServer(host, port, rank, world_size)`` registers the contract metrics in its own
+registry (one per rank, every series labelled ``rank``) and serves them on
+``http://host:port/metrics`` from prometheus_client's server thread; the training loop
+calls :meth:`MetricsServer.update` once per step. With ``metrics.port: 0`` the loop gets
+:class:`NullMetrics` instead.
 """
 
 from __future__ import annotations
 
-import bisect
 import os
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from preprocess.errors import UserError
 
@@ -19,7 +19,7 @@ __all__ = ["MetricsServer", "NullMetrics", "make_metrics", "SECONDS_BUCKETS"]
 
 SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
-# name -> (type, help); gauges fed from train_step's output keys of the same suffix
+# metric name -> (train_step output key, help)
 _GAUGES = {
     "myow_mining_weight": ("mining_weight", "mining loss weight lambda after warm-up/ramp"),
     "myow_learning_rate": ("learning_rate", "learning rate of this step"),
@@ -34,25 +34,6 @@ _GAUGES = {
 _LOSS_TERMS = {"augmented": "loss_augmented", "mined": "loss_mined", "total": "loss_total"}
 
 
-class _Histogram:
-    def __init__(self):
-        self.counts = [0] * (len(SECONDS_BUCKETS) + 1)
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(SECONDS_BUCKETS, value)] += 1
-        self.sum += value
-
-    def lines(self, name: str, labels: str) -> list[str]:
-        out, total = [], 0
-        for bound, count in zip((*SECONDS_BUCKETS, float("inf")), self.counts):
-            total += count
-            le = "+Inf" if bound == float("inf") else repr(bound)
-            out.append(f'{name}_bucket{{{labels},le="{le}"}} {total}')
-        out += [f"{name}_sum{{{labels}}} {self.sum!r}", f"{name}_count{{{labels}}} {total}"]
-        return out
-
-
 class NullMetrics:
     """Metrics disabled (``metrics.port: 0``)."""
 
@@ -64,76 +45,46 @@ class NullMetrics:
 
 
 class MetricsServer(NullMetrics):
-    """Per-rank Prometheus endpoint."""
+    """Per-rank Prometheus endpoint on ``host:port``."""
 
     def __init__(self, host: str, port: int, rank: int = 0, world_size: int = 1):
-        self.rank, self.world_size = rank, world_size
-        self.steps, self.samples = 0, 0
-        self.values: dict[str, float] = {}
-        self.step_seconds, self.data_wait = _Histogram(), _Histogram()
-        self.lock = threading.Lock()
-        metrics = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 (http.server API)
-                if self.path.split("?")[0] not in ("/metrics", "/"):
-                    self.send_error(404)
-                    return
-                body = metrics.render().encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):  # keep stderr for the training log
-                pass
-
+        self.registry = CollectorRegistry()
+        labels, self.rank = ["rank"], str(rank)
+        reg = self.registry
+        self.steps = Counter("myow_train_steps", "optimizer steps", labels, registry=reg)
+        self.samples = Counter("myow_train_samples", "anchor samples consumed", labels, registry=reg)
+        self.loss = Gauge("myow_loss", "last step's loss terms", ["term", "rank"], registry=reg)
+        self.gauges = {key: Gauge(name, help_text, labels, registry=reg).labels(rank=self.rank)
+                       for name, (key, help_text) in _GAUGES.items()}
+        self.step_seconds = Histogram("myow_step_seconds", "wall time per optimizer step", labels,
+                                      buckets=SECONDS_BUCKETS, registry=reg).labels(rank=self.rank)
+        self.data_wait = Histogram("myow_data_wait_seconds", "time blocked waiting for the next batch", labels,
+                                   buckets=SECONDS_BUCKETS, registry=reg).labels(rank=self.rank)
+        Gauge("myow_world_size", "ranks", labels, registry=reg).labels(rank=self.rank).set(world_size)
+        self._samples_seen = 0
         try:
-            self.server = ThreadingHTTPServer((host, port), Handler)
+            self.server, self.thread = start_http_server(port, addr=host, registry=reg)
         except OSError as err:
             raise UserError(f"metrics.port {port}: cannot serve metrics on {host}:{port} ({err.strerror}); "
                             "choose another metrics.port or 0 to disable")
-        self.server.daemon_threads = True
-        self.address = self.server.server_address
-        self.thread = threading.Thread(target=self.server.serve_forever, name="metrics", daemon=True)
-        self.thread.start()
+        self.address = self.server.server_address[:2]
 
     def update(self, out: dict, samples: int, step_seconds: float, data_wait_seconds: float) -> None:
-        """Record one optimizer step (``out`` = train_step's dict; None values are skipped)."""
-        with self.lock:
-            self.steps += 1
-            self.samples = samples
-            for key, value in out.items():
-                if value is not None:
-                    self.values[key] = value
-            self.step_seconds.observe(step_seconds)
-            self.data_wait.observe(data_wait_seconds)
+        """Record one optimizer step (``out`` = train_step's dict; None values are skipped).
 
-    def render(self) -> str:
-        """The text exposition format."""
-        r = f'rank="{self.rank}"'
-        with self.lock:
-            lines = [
-                "# HELP myow_train_steps_total optimizer steps", "# TYPE myow_train_steps_total counter",
-                f"myow_train_steps_total{{{r}}} {self.steps}",
-                "# HELP myow_train_samples_total anchor samples consumed",
-                "# TYPE myow_train_samples_total counter", f"myow_train_samples_total{{{r}}} {self.samples}",
-                "# HELP myow_loss last step's loss terms", "# TYPE myow_loss gauge",
-            ]
-            lines += [f'myow_loss{{term="{term}",{r}}} {self.values[key]!r}'
-                      for term, key in _LOSS_TERMS.items() if key in self.values]
-            for name, (key, help_text) in _GAUGES.items():
-                if key in self.values:
-                    lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge",
-                              f"{name}{{{r}}} {float(self.values[key])!r}"]
-            for name, hist, help_text in (("myow_step_seconds", self.step_seconds, "wall time per optimizer step"),
-                                          ("myow_data_wait_seconds", self.data_wait,
-                                           "time blocked waiting for the next batch")):
-                lines += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram", *hist.lines(name, r)]
-            lines += ["# HELP myow_world_size ranks", "# TYPE myow_world_size gauge",
-                      f"myow_world_size{{{r}}} {self.world_size}"]
-        return "\n".join(lines) + "\n"
+        ``samples`` is the cumulative count of anchor samples consumed.
+        """
+        self.steps.labels(rank=self.rank).inc()
+        self.samples.labels(rank=self.rank).inc(max(0, samples - self._samples_seen))
+        self._samples_seen = max(self._samples_seen, samples)
+        for term, key in _LOSS_TERMS.items():
+            if out.get(key) is not None:
+                self.loss.labels(term=term, rank=self.rank).set(out[key])
+        for key, gauge in self.gauges.items():
+            if out.get(key) is not None:
+                gauge.set(out[key])
+        self.step_seconds.observe(step_seconds)
+        self.data_wait.observe(data_wait_seconds)
 
     def close(self) -> None:
         self.server.shutdown()

@@ -194,11 +194,21 @@ def test_prometheus_endpoint():
         text = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10).read().decode()
     finally:
         server.close()
-    for line in ('myow_train_steps_total{rank="0"} 2', 'myow_train_samples_total{rank="0"} 64',
-                 'myow_loss{term="mined",rank="0"} -0.5', 'myow_mined_same_trial_ratio{rank="0"} 0.0',
-                 'myow_step_seconds_count{rank="0"} 2', 'myow_data_wait_seconds_bucket{rank="0",le="+Inf"} 2',
-                 'myow_world_size{rank="0"} 1', "# TYPE myow_step_seconds histogram"):
-        assert line in text, line
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    rank = (("rank", "0"),)
+    assert samples[("myow_train_steps_total", rank)] == 2
+    assert samples[("myow_train_samples_total", rank)] == 64
+    assert samples[("myow_loss", (("rank", "0"), ("term", "mined")))] == -0.5
+    assert samples[("myow_mined_same_trial_ratio", rank)] == 0.0
+    assert samples[("myow_step_seconds_count", rank)] == 2
+    assert samples[("myow_data_wait_seconds_bucket", (("le", "+Inf"), ("rank", "0")))] == 2
+    assert samples[("myow_world_size", rank)] == 1
+    for name in ("myow_mining_weight", "myow_learning_rate", "myow_ema_momentum", "myow_mining_pool_size",
+                 "myow_mined_time_gap_seconds", "myow_mined_label_agreement_ratio", "myow_embedding_std"):
+        assert (name, rank) in samples, name
     assert type(make_metrics("127.0.0.1", 0)).__name__ == "NullMetrics"
 
 
