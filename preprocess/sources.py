@@ -162,11 +162,6 @@ def combine_hashes(pieces: list[tuple[str, int, int]], digests: list[bytes]) -> 
     return "blake2b-tree64M:" + top.hexdigest()
 
 
-def content_hash(paths: list[str]) -> str:
-    pieces = hash_pieces(paths)
-    return combine_hashes(pieces, [hash_piece(p) for p in pieces])
-
-
 def hash_piece(piece: tuple[str, int, int]) -> bytes:
     path, offset, length = piece
     h = hashlib.blake2b(digest_size=32)
@@ -445,13 +440,6 @@ def count_phy_block(spikes: PhySpikes, row0: int, row1: int, n_units: int) -> np
     lut = spikes.cluster_to_column
     cols = np.where(c < len(lut), lut[np.minimum(c, len(lut) - 1)], -1)
     return binning.count_samples(t, cols, row0, row1 - row0, n_units, spikes.samples_per_bin)
-
-
-def phy_block_bounds(spikes: PhySpikes, row1: int) -> int:
-    """Index of the first spike at or after bin ``row1`` (to check nothing lies beyond the end)."""
-    times = np.load(spikes.times_path, mmap_mode="r").reshape(-1)
-    key = np.array(binning.first_sample(row1, spikes.samples_per_bin), dtype=times.dtype)
-    return int(np.searchsorted(times, key, side="left"))
 
 
 # --------------------------------------------------------------------------- NWB
