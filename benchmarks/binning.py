@@ -163,6 +163,7 @@ def main() -> None:
 
         if os.path.isdir(REAL_PHY):
             real_out = os.path.join(work, "real.zarr")
+            shutil.rmtree(real_out, ignore_errors=True)
             real_spikes = len(np.load(os.path.join(REAL_PHY, "spike_times.npy"), mmap_mode="r"))
             wall, rss = run_bin_spikes([REAL_PHY, "--out", real_out, "--bin-size", "0.05", "--sample-rate",
                                         str(SAMPLE_RATE), "--units", "good"])
