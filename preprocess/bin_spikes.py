@@ -277,8 +277,8 @@ def create_arrays(writer: StoreWriter, rec: sources.Recording, layout: StoreLayo
             shape, chunks, dims = (rec.n_rows, columns), (layout.shard_rows, columns), ("time", f"{name[9:]}_dim")
         writer.create_array(name, shape, arr_dtype, chunks=chunks, dimension_names=dims, attributes=attrs,
                             fill_value=np.nan if arr_dtype.kind == "f" and name != "bin_start_s" else 0)
-    writer.write_array("units/id", np.asarray(rec.unit_ids, dtype=np.int64), None, ("unit",))
-    writer.write_array("units/quality", np.asarray(rec.unit_quality, dtype=str), None, ("unit",))
+    writer.write_array("units/id", np.asarray(rec.unit_ids, dtype=np.int64), ("unit",))
+    writer.write_array("units/quality", np.asarray(rec.unit_quality, dtype=str), ("unit",))
 
 
 if __name__ == "__main__":

@@ -240,14 +240,11 @@ class StoreWriter:
             compressors=compressors, overwrite=True,
         )
 
-    def write_array(self, name: str, data: np.ndarray, layout: StoreLayout | None = None,
-                    dimension_names: tuple[str, ...] | None = None, attributes: dict | None = None) -> None:
-        """Create and fill a small array in one go (per-bin arrays use the layout's row chunks)."""
+    def write_array(self, name: str, data: np.ndarray, dimension_names: tuple[str, ...] | None = None,
+                    attributes: dict | None = None) -> None:
+        """Create and fill a small array (e.g. ``units/*``) as a single chunk."""
         data = np.asarray(data)
-        if layout is not None and data.ndim >= 1 and data.shape[0] == layout.n_rows and data.shape[0] > 0:
-            chunks = (layout.shard_rows,) + data.shape[1:]
-        else:
-            chunks = tuple(max(1, s) for s in data.shape)
+        chunks = tuple(max(1, s) for s in data.shape)
         fill = "" if data.dtype.kind in "UO" else 0
         arr = self.create_array(name, data.shape, data.dtype if data.dtype.kind not in "UO" else str,
                                 chunks, dimension_names=dimension_names, attributes=attributes, fill_value=fill)
