@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data import Normalization, load_recording  # noqa: E402
-from pipeline.evaluate import reach_readout  # noqa: E402
-from pipeline.supervised import fit_supervised, reach_task_rows  # noqa: E402
+from pipeline.evaluate import reach_readout, reach_task_rows  # noqa: E402
+from pipeline.supervised import fit_supervised  # noqa: E402
 from pipeline.train import set_threads, train  # noqa: E402
 
 CHEWIE = ROOT.parent / "shared" / "data" / "reach-chewie-2013-10-03" / "chewie-2013-10-03-binned-100ms.npz"

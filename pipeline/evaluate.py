@@ -196,6 +196,19 @@ def _task_rows(rec: Recording, splits: dict, valid: np.ndarray) -> tuple[np.ndar
     return tuple(splits[s][valid[splits[s]]] for s in ("train", "val", "test"))
 
 
+def reach_task_rows(rec: Recording, split=(0.7, 0.1, 0.2), min_speed: float = 5.0) -> dict[str, np.ndarray]:
+    """Store rows of the reach task per split: labelled bins with hand speed > min_speed.
+
+    The one definition of the reach rows: the SSL evaluation and the baselines (supervised
+    MLP, raw-rate read-out) all use it, so every method is scored on the same bins.
+    """
+    speed = hand_speed(rec)
+    if "target" not in rec.labels or speed is None:
+        raise UserError(f"{rec.url}: the reach task needs labels/target and behavior/velocity")
+    valid = (speed > min_speed) & (rec.labels["target"] >= 0)
+    return {name: rows[valid[rows]] for name, rows in split_rows(rec.trial, split).items()}
+
+
 def evaluate_embedding(embedding: np.ndarray, rec: Recording, split=(0.7, 0.1, 0.2), tasks="auto",
                        reach_min_speed: float = 5.0) -> dict:
     """Every task the recording has, on ``embedding`` (T, D) rows aligned with the store.
@@ -212,7 +225,8 @@ def evaluate_embedding(embedding: np.ndarray, rec: Recording, split=(0.7, 0.1, 0
     moving = speed > reach_min_speed if speed is not None else None
     if has_reach and wanted("reach"):
         target = rec.labels["target"]
-        tr, va, te = _task_rows(rec, splits, moving & (target >= 0))
+        rows = reach_task_rows(rec, split, reach_min_speed)
+        tr, va, te = rows["train"], rows["val"], rows["test"]
         results.update(reach_readout(embedding[tr], target[tr], embedding[va], target[va],
                                      embedding[te], target[te]))
     main = rec.main_label

@@ -30,22 +30,12 @@ from model import build_encoder
 from .checkpoint import atomic_write_text
 from .cli import to_json
 from .config import Config, dump_config
-from .data import Normalization, Recording, hand_speed, load_recording, split_rows
-from .evaluate import angle_accuracy
+from .data import Normalization, Recording, load_recording
+from .evaluate import angle_accuracy, reach_task_rows
 
 log = logging.getLogger("pipeline.supervised")
 
 __all__ = ["reach_task_rows", "fit_supervised", "train_supervised"]
-
-
-def reach_task_rows(rec: Recording, split=(0.7, 0.1, 0.2), min_speed: float = 5.0) -> dict[str, np.ndarray]:
-    """Store rows of the reach task per split: labelled bins with hand speed > min_speed."""
-    speed = hand_speed(rec)
-    if "target" not in rec.labels or speed is None:
-        from preprocess.errors import UserError
-        raise UserError(f"{rec.url}: the supervised reach baseline needs labels/target and behavior/velocity")
-    valid = (speed > min_speed) & (rec.labels["target"] >= 0)
-    return {name: rows[valid[rows]] for name, rows in split_rows(rec.trial, split).items()}
 
 
 def fit_supervised(cfg: Config, rec: Recording, rows: dict[str, np.ndarray],
