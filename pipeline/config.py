@@ -36,6 +36,7 @@ DEVICES = ("auto", "cpu", "cuda")
 ENCODERS = ("mlp",)  # neural data; image encoders arrive with the image pipeline
 ARCHITECTURES = ("cascaded", "parallel", "single")
 MINING_VIEWS = ("separate", "anchor")
+LOADINGS = ("auto", "memory", "stream")
 
 
 class ConfigError(UsageError):
@@ -62,6 +63,16 @@ class DataConfig:
     # Temporal jitter: the positive view is a training bin of the same trial within
     # +-jitter_max_bins bins (paper: "within 200 ms" = 2 bins of 100 ms).
     jitter_max_bins: int = 2
+    # How counts are read: "memory" = once into memory; "stream" = block by block
+    # (chunk-aligned reads, a shuffle buffer, reader threads); "auto" = memory when the
+    # counts fit memory_budget_mb as float32, else stream.
+    loading: str = "auto"
+    memory_budget_mb: float = 1024.0
+    block_rows: int = 0  # rows per block read when streaming; 0 = whole chunks of >= 4 MiB
+    shuffle_buffer_rows: int = 16384  # rows (from many blocks) batches are drawn from
+    read_threads: int = 4  # block reads in flight (threads: fsspec/s3fs are not fork-safe)
+    read_retries: int = 4  # extra attempts on transient storage errors (exponential backoff)
+    prefetch_batches: int = 2  # batches each stream prepares ahead in a background thread
 
 
 @dataclass
@@ -182,6 +193,12 @@ class Config:
         need(d.min_speed >= 0, "data.min_speed", "must be >= 0")
         need(d.min_time_gap_s is None or d.min_time_gap_s >= 0, "data.min_time_gap_s", "must be >= 0 or null")
         need(d.jitter_max_bins >= 0, "data.jitter_max_bins", "must be >= 0")
+        need(d.loading in LOADINGS, "data.loading", f"must be one of {', '.join(LOADINGS)}")
+        need(d.memory_budget_mb >= 0, "data.memory_budget_mb", "must be >= 0")
+        for key in ("block_rows", "read_retries"):
+            need(getattr(d, key) >= 0, f"data.{key}", "must be >= 0")
+        for key in ("shuffle_buffer_rows", "read_threads", "prefetch_batches"):
+            need(getattr(d, key) >= 1, f"data.{key}", "must be >= 1")
         for key in ("dropout_max", "dropout_apply_p", "noise_apply_p", "pepper_p", "pepper_apply_p"):
             need(0.0 <= getattr(a, key) <= 1.0, f"augment.{key}", "must be in [0, 1]")
         need(a.noise_std >= 0, "augment.noise_std", "must be >= 0")

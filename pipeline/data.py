@@ -1,22 +1,31 @@
-"""Training data for MYOW on a recording store: splits, normalisation, augmentations and
-the two independent samplers.
+"""Training data for MYOW on recording stores: normalisation, augmentations, jitter pairs
+and the two independent streams, held in memory or streamed block by block.
 
-    store --load_recording--> Recording (every row, in memory)
-          --split_rows------> train / val / test rows (by trial order, or time blocks)
-          --training_samples-> Samples: the SSL training rows (train split [, moving bins])
-    AnchorSampler: epochs of B anchors -> (x1, x2, x_m, meta)
+    store --open_store--> Recording (per-bin metadata in memory, counts behind a reader)
+          --split_rows--> train / val / test rows (by trial order, or time blocks)
+          --training mask--> the SSL training samples (train split [, moving bins])
+    anchor stream: batches of B -> (x1, x2, x_m, meta)
         x1 = t(s), x2 = t'(s') with s' a temporal-jitter neighbour of s in the same trial,
         x_m = t_m(s) a third, independent draw of the anchor itself (T_m = T)
-    PoolSampler (own generator and seed): L uniform training samples -> (x_pool, meta_pool)
+    pool stream (own generator and seed): L training samples -> (x_pool, meta_pool)
+
+Small stores (``data.loading: auto`` and counts under ``data.memory_budget_mb`` as
+float32) are read once into memory and sampled by :class:`AnchorSampler` /
+:class:`PoolSampler`; larger ones are streamed by :mod:`pipeline.streams` with
+chunk-aligned block reads, a shuffle buffer and reader threads. Either way each stream
+runs in a :class:`~pipeline.stages.Prefetcher` thread, so the trainer only waits for
+data when producing a batch is slower than a training step.
+
+Ranks: anchors are sharded (every epoch's order is the same on all ranks, each rank takes
+every world_size-th sample or block), the pool is an independent draw per rank; both are
+seeded by (run seed, stream, rank) and every rank has the same ``steps_per_epoch``.
 
 ``meta`` is a dict of (n,) tensors: ``store`` (recording id), ``time`` (bin_start_s),
 ``trial`` (-1 = none), ``row`` (store row) and ``label`` (the main label, for monitoring
-only: labels are never used for training). Samplers are iterators with
-``state_dict()/load_state_dict()`` (generator state + epoch/cursor), so a resumed run
-draws exactly the batches the uninterrupted run would have drawn.
-
-Everything is held in memory here; a streaming reader for large stores can replace
-``Samples`` + the two samplers behind the same ``next(sampler)`` interface.
+only: labels are never used for training). Every stream has ``state_dict()`` /
+``load_state_dict()`` (generator, epoch and cursor; for block streams the rows in the
+shuffle buffer), so a resumed run draws exactly the batches the uninterrupted run would
+have drawn.
 """
 
 from __future__ import annotations
@@ -28,131 +37,19 @@ import numpy as np
 import torch
 
 from preprocess.errors import UserError
-from preprocess.store import iter_arrays, open_recording
 
 from .config import AugmentConfig, Config
+from .recording import SPLITS, Recording, hand_speed, load_recording, open_store, split_rows
+from .jitter import draw_positives, jitter_table
+from .stages import Prefetcher, derive_seed, epoch_order, shard_for_rank
+from .streams import (BlockAnchorStream, BlockPoolStream, StreamSettings, default_block_rows, fit_normalization_stats,
+                      release_freed_blocks)
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
-
-__all__ = ["Recording", "load_recording", "hand_speed", "split_rows", "Normalization", "Augmenter",
-           "Samples", "training_samples", "jitter_table", "AnchorSampler", "PoolSampler", "TrainData",
-           "build_train_data", "derive_seed", "SPLITS"]
-
-
-# --------------------------------------------------------------------------- recording
-
-
-@dataclass
-class Recording:
-    """Every per-bin array of one recording store, in memory (T rows, N units)."""
-
-    url: str
-    rates: torch.Tensor  # (T, N) float32 firing rates in Hz (counts / bin_size_s)
-    bin_start_s: np.ndarray  # (T,) float64
-    trial: np.ndarray  # (T,) int64, -1 = outside trials
-    labels: dict[str, np.ndarray]  # name -> (T,) int64
-    behavior: dict[str, np.ndarray]  # name -> (T, k) float32
-    bin_size_s: float
-    store_id: int = 0
-
-    @property
-    def n_rows(self) -> int:
-        return self.rates.shape[0]
-
-    @property
-    def n_units(self) -> int:
-        return self.rates.shape[1]
-
-    @property
-    def has_trials(self) -> bool:
-        return bool((self.trial >= 0).any())
-
-    @property
-    def main_label(self) -> str | None:
-        """``target`` when present, else the first label by name, else None."""
-        if "target" in self.labels:
-            return "target"
-        return min(self.labels) if self.labels else None
-
-
-def load_recording(url: str, storage_options: dict | None = None, store_id: int = 0) -> Recording:
-    """Read a recording store (DESIGN section 4) into memory; UserError on a bad store."""
-    group = open_recording(url, storage_options)
-    bin_size = group.attrs.get("bin_size_s")
-    if not isinstance(bin_size, (int, float)) or bin_size <= 0:
-        raise UserError(f"{url}: attribute 'bin_size_s' is {bin_size!r}; expected a positive number of seconds")
-    labels, behavior = {}, {}
-    for name, arr in iter_arrays(group):
-        if name.startswith("labels/"):
-            labels[name.split("/", 1)[1]] = np.asarray(arr[...], dtype=np.int64)
-        elif name.startswith("behavior/"):
-            values = np.asarray(arr[...], dtype=np.float32)
-            behavior[name.split("/", 1)[1]] = values[:, None] if values.ndim == 1 else values
-    counts = np.asarray(group["counts"][...])
-    rates = torch.from_numpy(counts.astype(np.float32) / np.float32(bin_size))
-    return Recording(url=url, rates=rates.contiguous(),
-                     bin_start_s=np.asarray(group["bin_start_s"][...], dtype=np.float64),
-                     trial=np.asarray(group["trial"][...], dtype=np.int64),
-                     labels=labels, behavior=behavior, bin_size_s=float(bin_size), store_id=store_id)
-
-
-def hand_speed(rec: Recording) -> np.ndarray | None:
-    """(T,) norm of ``behavior/velocity`` (cm/s), or None when the store has no velocity."""
-    vel = rec.behavior.get("velocity")
-    return None if vel is None else np.linalg.norm(vel.astype(np.float64), axis=1)
-
-
-# --------------------------------------------------------------------------- splits
-
-
-def _cut(n: int, fractions) -> tuple[int, int]:
-    """Numbers of items in train and train+val for ``n`` items (floor, train >= 1)."""
-    f_train, f_val = float(fractions[0]), float(fractions[1])
-    n_train = max(1, int(np.floor(n * f_train + 1e-9)))
-    n_trainval = max(n_train, int(np.floor(n * (f_train + f_val) + 1e-9)))
-    return n_train, min(n_trainval, n)
-
-
-def split_rows(trial: np.ndarray, fractions=(0.7, 0.1, 0.2)) -> dict[str, np.ndarray]:
-    """Split store rows into train/val/test by time, never by random rows.
-
-    With trials: trials are ordered by their first row (recording order); the first
-    ``floor(n * f_train)`` trials are train, the next ones up to ``floor(n * (f_train +
-    f_val))`` val, the rest test. A row outside trials (-1) goes with the last trial
-    before it (the first trial's split before the first trial). Without trials: the
-    first ``floor(T * f_train)`` rows are train, then val, then test (time blocks).
-
-    Args:
-        trial: (T,) int trial id per row, -1 = none.
-        fractions: (train, val, test), summing to 1.
-
-    Returns:
-        {"train", "val", "test"} -> sorted int64 row indices; every row in exactly one.
-    """
-    trial = np.asarray(trial)
-    T = trial.shape[0]
-    split_of = np.zeros(T, dtype=np.int8)
-    in_trial = trial >= 0
-    if in_trial.any():
-        ids, first = np.unique(trial[in_trial], return_index=True)
-        rank = np.argsort(np.argsort(first, kind="stable"), kind="stable")  # recording order of each id
-        n_train, n_trainval = _cut(len(ids), fractions)
-        split_of_rank = np.zeros(len(ids), dtype=np.int8)
-        split_of_rank[n_train:n_trainval] = 1
-        split_of_rank[n_trainval:] = 2
-        row_split = split_of_rank[rank[np.searchsorted(ids, trial[in_trial])]]
-        rows_in = np.flatnonzero(in_trial)
-        # rows outside trials follow the last trial row before them
-        last = np.maximum.accumulate(np.where(in_trial, np.arange(T), -1))
-        last[last < 0] = rows_in[0]
-        split_of[:] = row_split[np.searchsorted(rows_in, last)]
-    elif T:
-        n_train, n_trainval = _cut(T, fractions)
-        split_of[n_train:n_trainval] = 1
-        split_of[n_trainval:] = 2
-    return {name: np.flatnonzero(split_of == i).astype(np.int64) for i, name in enumerate(SPLITS)}
+__all__ = ["Recording", "load_recording", "open_store", "hand_speed", "split_rows", "Normalization", "Augmenter",
+           "Samples", "training_samples", "jitter_table", "draw_positives", "AnchorSampler", "PoolSampler",
+           "TrainData", "build_train_data", "derive_seed", "training_mask", "SPLITS"]
 
 
 # --------------------------------------------------------------------------- normalisation / augmentation
@@ -173,8 +70,10 @@ class Normalization:
     def fit(cls, rates: torch.Tensor) -> "Normalization":
         """Mean and unbiased std per unit of ``rates`` (n, N)."""
         x = rates.double()
-        mean = x.mean(0)
-        std = x.std(0) if x.shape[0] > 1 else torch.zeros_like(mean)
+        return cls.from_stats(x.mean(0), x.std(0) if x.shape[0] > 1 else torch.zeros(x.shape[1], dtype=x.dtype))
+
+    @classmethod
+    def from_stats(cls, mean: torch.Tensor, std: torch.Tensor) -> "Normalization":
         std = torch.where(std > 1e-6, std, torch.ones_like(std))
         return cls(mean.float().contiguous(), std.float().contiguous())
 
@@ -269,40 +168,6 @@ class Samples:
         return len(self.rows)
 
 
-def jitter_table(rows: np.ndarray, trial: np.ndarray, bin_start_s: np.ndarray, bin_size_s: float,
-                 max_bins: int) -> tuple[np.ndarray, np.ndarray]:
-    """Temporal-jitter neighbours of each training sample among the training samples.
-
-    j is a neighbour of i when j != i, both are training samples, they have the same
-    trial id (-1 == -1 for recordings without trials), their store rows differ by at
-    most ``max_bins`` and their start times by at most (max_bins + 0.5) bins (so a gap in
-    the recording is never jumped).
-
-    Args:
-        rows: (n,) ascending store rows of the training samples.
-        trial, bin_start_s: (T,) per store row.
-
-    Returns:
-        neighbors (n, 2*max_bins) int64 positions into ``rows`` (valid first, -1 pad) and
-        counts (n,) int64.
-    """
-    n, T = len(rows), len(trial)
-    offsets = [d for d in range(-max_bins, max_bins + 1) if d != 0]
-    if not offsets or n == 0:
-        return np.full((n, 0), -1, dtype=np.int64), np.zeros(n, dtype=np.int64)
-    pos_of_row = np.full(T, -1, dtype=np.int64)
-    pos_of_row[rows] = np.arange(n)
-    cand = rows[:, None] + np.asarray(offsets)[None, :]  # (n, 2J) store rows
-    inside = (cand >= 0) & (cand < T)
-    cand_c = np.clip(cand, 0, T - 1)
-    pos = pos_of_row[cand_c]
-    ok = (inside & (pos >= 0) & (trial[cand_c] == trial[rows][:, None])
-          & (np.abs(bin_start_s[cand_c] - bin_start_s[rows][:, None]) <= (max_bins + 0.5) * bin_size_s))
-    order = np.argsort(~ok, axis=1, kind="stable")  # valid columns first
-    neighbors = np.take_along_axis(np.where(ok, pos, -1), order, axis=1)
-    return neighbors, ok.sum(1).astype(np.int64)
-
-
 def training_samples(rec: Recording, rows: np.ndarray, jitter_max_bins: int) -> Samples:
     """Gather the rows used for SSL (and their jitter table and metadata)."""
     rows = np.sort(np.asarray(rows, dtype=np.int64))
@@ -320,60 +185,57 @@ def training_samples(rec: Recording, rows: np.ndarray, jitter_max_bins: int) -> 
                    neighbors=torch.from_numpy(nb), n_neighbors=torch.from_numpy(cnt))
 
 
-def derive_seed(seed: int, *stream: int) -> int:
-    """An independent 63-bit seed for stream ``stream`` of run seed ``seed`` (SeedSequence)."""
-    return int(np.random.SeedSequence([int(seed) % (1 << 63), *stream]).generate_state(1, np.uint64)[0] >> 1)
-
-
 def _take_meta(meta: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
     return {k: v.index_select(0, idx) for k, v in meta.items()}
 
 
-# --------------------------------------------------------------------------- samplers
+# --------------------------------------------------------------------------- in-memory samplers
 
 
 class AnchorSampler:
-    """Anchor batches: each epoch is a random permutation of the training samples cut into
-    ``steps_per_epoch = max(1, n // B)`` batches of B (the last partial batch is dropped;
-    with fewer than B samples, one batch of all of them).
+    """Anchor batches from samples in memory.
+
+    Every epoch is a permutation of the training samples that depends only on
+    (``order_seed``, epoch), so it is the same on every rank; rank r takes positions
+    r, r + world_size, ... (the same number on every rank, the remainder is dropped) and
+    cuts them into ``steps_per_epoch = max(1, n_rank // B)`` batches of B (with fewer than
+    B samples, one batch of all of them).
 
     ``next(sampler)`` -> ``(x1, x2, x_m, meta)``: x1, x2, x_m (B, N) float32 normalised
     views (x2 of a jitter neighbour, x_m a third draw of the anchor; None when
-    ``mining_view`` is False, i.e. BYOL), meta of the anchors.
+    ``mining_view`` is False), meta of the anchors.
     """
 
-    def __init__(self, samples: Samples, augment: Augmenter, batch_size: int, seed: int,
-                 structured: bool = False, mining_view: bool = True):
-        if len(samples) == 0:
-            raise UserError("no training samples: the train split is empty after filtering "
-                            "(check data.split and data.min_speed)")
-        self.samples, self.augment, self.structured = samples, augment, structured
-        self.mining_view = mining_view
+    def __init__(self, samples: Samples, augment: Augmenter, batch_size: int, seed: int, *, order_seed: int,
+                 rank: int = 0, world_size: int = 1, structured: bool = False, mining_view: bool = True):
         n = len(samples)
-        self.batch_size = min(batch_size, n)
-        self.steps_per_epoch = max(1, n // batch_size)
+        if n < world_size:
+            raise UserError(f"{n} training samples cannot be shared by {world_size} ranks")
+        self.samples, self.augment, self.structured = samples, augment, structured
+        self.mining_view, self.order_seed, self.rank, self.world_size = mining_view, order_seed, rank, world_size
+        self.n_rank = n // world_size
+        self.batch_size = min(batch_size, self.n_rank)
+        self.steps_per_epoch = max(1, self.n_rank // batch_size)
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch, self.cursor = 0, 0
-        self.perm = torch.randperm(n, generator=self.generator)
+        self._order = None
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """(n_rank,) sample positions this rank visits in ``epoch``."""
+        if self._order is None or self._order[0] != epoch:
+            perm = shard_for_rank(epoch_order(len(self.samples), self.order_seed, epoch), self.rank, self.world_size)
+            self._order = (epoch, torch.from_numpy(np.ascontiguousarray(perm[:self.n_rank])))
+        return self._order[1]
 
     def next_indices(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(anchor positions (B,), positive positions (B,)) into the samples."""
         if self.cursor >= self.steps_per_epoch:
-            self.epoch += 1
-            self.cursor = 0
-            self.perm = torch.randperm(len(self.samples), generator=self.generator)
+            self.epoch, self.cursor = self.epoch + 1, 0
         B = self.batch_size
-        anchor = self.perm[self.cursor * B:(self.cursor + 1) * B]
+        anchor = self.order(self.epoch)[self.cursor * B:(self.cursor + 1) * B]
         self.cursor += 1
-        count = self.samples.n_neighbors.index_select(0, anchor)
-        u = torch.rand(B, generator=self.generator)
-        k = torch.minimum((u * count).long(), (count - 1).clamp(min=0))
-        if self.samples.neighbors.shape[1]:
-            picked = self.samples.neighbors[anchor, k]
-            positive = torch.where(count > 0, picked, anchor)  # no neighbour: the anchor itself
-        else:
-            positive = anchor.clone()
-        return anchor, positive
+        s = self.samples
+        return anchor, draw_positives(anchor, s.neighbors, s.n_neighbors, self.generator)
 
     def __iter__(self):
         return self
@@ -389,15 +251,16 @@ class AnchorSampler:
         return x1, x2, x_m, _take_meta(s.meta, anchor)
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "epoch": self.epoch, "cursor": self.cursor,
-                "perm": self.perm.clone()}
+        return {"kind": "memory", "generator": self.generator.get_state(), "epoch": self.epoch,
+                "cursor": self.cursor, "n_samples": len(self.samples)}
 
     def load_state_dict(self, state: dict) -> None:
-        if len(state["perm"]) != len(self.samples):
-            raise UserError(f"checkpoint sampler state is for {len(state['perm'])} training samples, "
-                            f"the data has {len(self.samples)}; resume with the same data and config")
+        if state.get("kind") != "memory" or state["n_samples"] != len(self.samples):
+            raise UserError(f"the checkpoint's anchor stream state is for {state.get('n_samples')} training samples "
+                            f"({state.get('kind')} loading), the data has {len(self.samples)} in memory; "
+                            "resume with the same data and config")
         self.generator.set_state(state["generator"])
-        self.epoch, self.cursor, self.perm = int(state["epoch"]), int(state["cursor"]), state["perm"].clone()
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
 
 
 class PoolSampler:
@@ -426,9 +289,13 @@ class PoolSampler:
         return x, _take_meta(self.samples.meta, idx)
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "draws": self.draws}
+        return {"kind": "memory", "generator": self.generator.get_state(), "draws": self.draws,
+                "n_samples": len(self.samples)}
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != "memory" or state["n_samples"] != len(self.samples):
+            raise UserError("the checkpoint's pool stream state does not match the data; "
+                            "resume with the same data and config")
         self.generator.set_state(state["generator"])
         self.draws = int(state["draws"])
 
@@ -442,15 +309,21 @@ class TrainData:
 
     recording: Recording
     splits: dict[str, np.ndarray]  # store rows per split
-    samples: Samples  # the SSL training samples
     normalization: Normalization
-    anchors: AnchorSampler
-    pool: PoolSampler
+    anchors: Prefetcher  # -> (x1, x2, x_m, meta)
+    pool: Prefetcher  # -> (x_pool, meta_pool)
     min_time_gap_s: float  # resolved mining time-exclusion window
+    samples: Samples | None = None  # the SSL training samples, when held in memory
+    streamed: bool = False
 
     @property
     def steps_per_epoch(self) -> int:
         return self.anchors.steps_per_epoch
+
+    @property
+    def data_wait_seconds(self) -> float:
+        """Time the trainer spent blocked on either stream so far."""
+        return self.anchors.wait_seconds + self.pool.wait_seconds
 
     def state_dict(self) -> dict:
         return {"anchors": self.anchors.state_dict(), "pool": self.pool.state_dict()}
@@ -459,51 +332,84 @@ class TrainData:
         self.anchors.load_state_dict(state["anchors"])
         self.pool.load_state_dict(state["pool"])
 
+    def close(self) -> None:
+        for stream in (self.anchors, self.pool):
+            stream.close(rewind=False)
+            if hasattr(stream.source, "close"):
+                stream.source.close()
 
-def select_training_rows(rec: Recording, train_rows: np.ndarray, min_speed: float) -> np.ndarray:
-    """Train-split rows used for SSL: those with hand speed > min_speed when asked and known."""
-    if min_speed <= 0:
-        return train_rows
-    speed = hand_speed(rec)
-    if speed is None:
-        log.warning("data.min_speed=%s but %s has no behavior/velocity: training on every bin", min_speed, rec.url)
-        return train_rows
-    return train_rows[speed[train_rows] > min_speed]
+
+def training_mask(rec: Recording, train_rows: np.ndarray, min_speed: float) -> np.ndarray:
+    """(T,) bool: the train-split rows used for SSL (hand speed > min_speed when asked and known)."""
+    mask = np.zeros(rec.n_rows, dtype=bool)
+    mask[train_rows] = True
+    if min_speed > 0:
+        speed = hand_speed(rec)
+        if speed is None:
+            log.warning("data.min_speed=%s but %s has no behavior/velocity: training on every bin",
+                        min_speed, rec.url)
+        else:
+            mask &= speed > min_speed
+    return mask
+
+
+def _use_memory(cfg: Config, rec: Recording) -> bool:
+    mode = cfg.data.loading
+    if mode == "auto":
+        return rec.in_memory or rec.counts_nbytes_float32 <= cfg.data.memory_budget_mb * (1 << 20)
+    return mode == "memory"
 
 
 def build_train_data(cfg: Config, recording: Recording | None = None, normalization: Normalization | None = None,
-                     rank: int = 0, world_size: int = 1) -> TrainData:
-    """Load the store of ``cfg.data`` (unless given), split it, fit the normalisation on the
-    SSL training samples (unless given, e.g. from a checkpoint) and build both samplers.
-
-    ``rank``/``world_size`` only decorrelate the samplers' seeds here; a distributed
-    sampler will also shard the anchors.
-    """
+                     rank: int = 0, world_size: int = 1, progress: bool = False) -> TrainData:
+    """Open the store of ``cfg.data`` (unless given), split it, fit the normalisation on the
+    SSL training samples (unless given, e.g. from a checkpoint) and build both streams,
+    in memory or streamed (``data.loading``), for ``rank`` of ``world_size``."""
+    d = cfg.data
     if recording is None:
-        if not cfg.data.path:
+        if not d.path:
             raise UserError("data.path is not set: pass --set data.path=STORE_URL or put it in the config")
-        recording = load_recording(cfg.data.path, cfg.data.storage_options)
-    splits = split_rows(recording.trial, cfg.data.split)
-    rows = select_training_rows(recording, splits["train"], cfg.data.min_speed)
-    samples = training_samples(recording, rows, cfg.data.jitter_max_bins)
-    if len(samples) == 0:
-        raise UserError(f"{recording.url}: no training samples (train split has {len(splits['train'])} bins, "
-                        f"none faster than data.min_speed={cfg.data.min_speed}); lower data.min_speed")
-    if normalization is None:
-        normalization = Normalization.fit(samples.rates)
-    if normalization.mean.shape[0] != recording.n_units:
-        raise UserError(f"{recording.url}: has {recording.n_units} units, the checkpoint's normalisation "
+        recording = open_store(d.path, d.storage_options, attempts=d.read_retries + 1)
+    rec = recording
+    splits = split_rows(rec.trial, d.split)
+    mask = training_mask(rec, splits["train"], d.min_speed)
+    n_samples = int(mask.sum())
+    if n_samples == 0:
+        raise UserError(f"{rec.url}: no training samples (train split has {len(splits['train'])} bins, "
+                        f"none faster than data.min_speed={d.min_speed}); lower data.min_speed")
+    if normalization is not None and normalization.mean.shape[0] != rec.n_units:
+        raise UserError(f"{rec.url}: has {rec.n_units} units, the checkpoint's normalisation "
                         f"{normalization.mean.shape[0]}; use the store the run was trained on")
-    augment = Augmenter(cfg.augment, normalization)
-    seed = cfg.run.seed
-    anchors = AnchorSampler(samples, augment, cfg.optim.batch_size, derive_seed(seed, 1, rank),
-                            structured=cfg.augment.structured,
-                            mining_view=cfg.effective_mining_weight > 0 and cfg.method.mining_view == "separate")
-    pool = PoolSampler(samples, augment, cfg.method.pool_size, derive_seed(seed, 2, rank))
-    gap = cfg.data.min_time_gap_s
+    seed, B = cfg.run.seed, cfg.optim.batch_size
+    anchor_seed, order_seed, pool_seed = derive_seed(seed, 1, rank), derive_seed(seed, 4), derive_seed(seed, 2, rank)
+    mining_view = cfg.effective_mining_weight > 0 and cfg.method.mining_view == "separate"
+    samples = None
+    if _use_memory(cfg, rec):
+        rec.load_rates()
+        samples = training_samples(rec, np.flatnonzero(mask), d.jitter_max_bins)
+        normalization = normalization or Normalization.fit(samples.rates)
+        augment = Augmenter(cfg.augment, normalization)
+        anchors = AnchorSampler(samples, augment, B, anchor_seed, order_seed=order_seed, rank=rank,
+                                world_size=world_size, structured=cfg.augment.structured, mining_view=mining_view)
+        pool = PoolSampler(samples, augment, cfg.method.pool_size, pool_seed)
+    else:
+        release_freed_blocks()
+        settings = StreamSettings(default_block_rows(rec, d.block_rows), d.shuffle_buffer_rows,
+                                  d.read_threads, d.read_threads)
+        if normalization is None:
+            normalization = Normalization.from_stats(*fit_normalization_stats(rec, mask, settings, progress))
+        augment = Augmenter(cfg.augment, normalization)
+        anchors = BlockAnchorStream(rec, mask, augment, B, settings, seed=anchor_seed, order_seed=order_seed,
+                                    jitter_max_bins=d.jitter_max_bins, rank=rank, world_size=world_size,
+                                    structured=cfg.augment.structured, mining_view=mining_view)
+        pool = BlockPoolStream(rec, mask, augment, cfg.method.pool_size, settings, seed=pool_seed,
+                               order_seed=derive_seed(seed, 5, rank))
+    gap = d.min_time_gap_s
     if gap is None:
-        gap = 0.0 if recording.has_trials else (cfg.data.jitter_max_bins + 1) * recording.bin_size_s
-    log.info("%s: %d bins x %d units; splits train/val/test %d/%d/%d bins; %d SSL training samples; "
-             "%d steps per epoch", recording.url, recording.n_rows, recording.n_units, len(splits["train"]),
-             len(splits["val"]), len(splits["test"]), len(samples), anchors.steps_per_epoch)
-    return TrainData(recording, splits, samples, normalization, anchors, pool, float(gap))
+        gap = 0.0 if rec.has_trials else (d.jitter_max_bins + 1) * rec.bin_size_s
+    log.info("%s: %d bins x %d units (%s); splits train/val/test %d/%d/%d bins; %d SSL training samples; "
+             "%d steps per epoch", rec.url, rec.n_rows, rec.n_units, "in memory" if samples else "streamed",
+             len(splits["train"]), len(splits["val"]), len(splits["test"]), n_samples, anchors.steps_per_epoch)
+    depth = d.prefetch_batches
+    return TrainData(rec, splits, normalization, Prefetcher(anchors, depth, "anchors"), Prefetcher(pool, depth, "pool"),
+                     float(gap), samples=samples, streamed=samples is None)

@@ -37,7 +37,8 @@ from .build import build_model
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint
 from .cli import OneLineParser, to_json
 from .config import Config, build_config
-from .data import Normalization, Recording, hand_speed, load_recording, split_rows
+from .data import Normalization
+from .recording import Recording, hand_speed, open_store, split_rows
 
 log = logging.getLogger("pipeline.evaluate")
 PROG = "python -m pipeline.evaluate"
@@ -173,18 +174,24 @@ def classification_readout(features_train: np.ndarray, y_train: np.ndarray, feat
 
 
 @torch.no_grad()
-def embed(encoder: torch.nn.Module, rates: torch.Tensor, normalization: Normalization,
+def embed(encoder: torch.nn.Module, rates: torch.Tensor | Recording, normalization: Normalization,
           device: str | torch.device = "cpu", batch_size: int = 8192) -> np.ndarray:
     """Frozen-encoder representation of every row: (T, N) Hz -> (T, D) float32, row order kept.
 
-    Runs in eval mode (BatchNorm running statistics) on un-augmented normalised input and
-    restores the encoder's previous mode.
+    ``rates`` is a (T, N) tensor or a Recording (read block by block when it is streamed,
+    so a store larger than memory is embedded in bounded memory). Runs in eval mode
+    (BatchNorm running statistics) on un-augmented normalised input and restores the
+    encoder's previous mode.
     """
+    if isinstance(rates, Recording):
+        blocks = [rates.rates] if rates.in_memory else (x for _, x in rates.iter_rates())
+    else:
+        blocks = [rates]
     was_training = encoder.training
     encoder.eval()
     try:
-        parts = [encoder(normalization(rates[i:i + batch_size]).to(device)).float().cpu()
-                 for i in range(0, rates.shape[0], batch_size)]
+        parts = [encoder(normalization(x[i:i + batch_size]).to(device)).float().cpu()
+                 for x in blocks for i in range(0, x.shape[0], batch_size)]
     finally:
         encoder.train(was_training)
     if not parts:
@@ -366,14 +373,14 @@ def evaluate_run(run_dir: str | os.PathLike, data: str | None = None, export: st
     url = data or cfg.data.path
     if not url:
         raise UserError("the run's config has no data.path; pass --data STORE_URL")
-    rec = load_recording(url, cfg.data.storage_options)
+    rec = open_store(url, cfg.data.storage_options, attempts=cfg.data.read_retries + 1)
     norm = Normalization.from_state_dict(ckpt["normalization"])
     if norm.mean.shape[0] != rec.n_units:
         raise UserError(f"{url}: has {rec.n_units} units but the run was trained on {norm.mean.shape[0]}; "
                         "pass the store the run was trained on (--data)")
     model = build_model(cfg, rec.n_units)
     model.load_state_dict(ckpt["model"])
-    emb = embed(model.encoder, rec.rates, norm)
+    emb = embed(model.encoder, rec, norm)
     results = evaluate_embedding(emb, rec, cfg.data.split, cfg.eval.tasks, cfg.eval.reach_min_speed)
     results["step"] = int(ckpt["step"])
     if export:

@@ -30,7 +30,8 @@ from model import build_encoder
 from .checkpoint import atomic_write_text
 from .cli import to_json
 from .config import Config, dump_config
-from .data import Normalization, Recording, load_recording
+from .data import Normalization
+from .recording import Recording, load_recording
 from .evaluate import angle_accuracy, reach_task_rows
 
 log = logging.getLogger("pipeline.supervised")

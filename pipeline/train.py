@@ -283,7 +283,7 @@ def train(cfg: Config, data: TrainData | None = None) -> tuple[Path, dict]:
     resume = load_checkpoint(ckpt_path) if cfg.run.resume and ckpt_path.exists() else None
     normalization = Normalization.from_state_dict(resume["normalization"]) if resume else None
 
-    data = data or build_train_data(cfg, normalization=normalization)  # before creating the run dir:
+    data = data or build_train_data(cfg, normalization=normalization, progress=cfg.run.progress)  # before the run dir:
     run_dir.mkdir(parents=True, exist_ok=True)  # a bad store leaves nothing behind
     plan = Plan.build(cfg, data.steps_per_epoch, data.min_time_gap_s)
     seed_everything(cfg.run.seed)  # model initialisation
@@ -316,7 +316,7 @@ def train(cfg: Config, data: TrainData | None = None) -> tuple[Path, dict]:
             "rng": rng_state(mining_gen)})
 
     def evaluate(step: int, plots: bool = False) -> dict:
-        emb = embed(model.encoder, data.recording.rates, data.normalization, device)
+        emb = embed(model.encoder, data.recording, data.normalization, device)
         results = evaluate_embedding(emb, data.recording, cfg.data.split, cfg.eval.tasks, cfg.eval.reach_min_speed)
         results["step"] = step
         with open(run_dir / "evaluations.jsonl", "a") as f:
@@ -331,7 +331,8 @@ def train(cfg: Config, data: TrainData | None = None) -> tuple[Path, dict]:
     metrics = make_metrics(cfg.metrics.host, cfg.metrics.port)
     bar = tqdm(total=plan.total_steps, initial=start, desc=cfg.method.name, unit="step", dynamic_ncols=True,
                disable=not cfg.run.progress, file=sys.stderr)
-    with open(metrics_path, "a") as metrics_file, contextlib.closing(metrics), contextlib.closing(bar):
+    with open(metrics_path, "a") as metrics_file, contextlib.closing(metrics), contextlib.closing(bar), \
+            contextlib.closing(data):
         for step in range(start, plan.total_steps):
             t0 = time.perf_counter()
             anchors = next(data.anchors)

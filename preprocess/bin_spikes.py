@@ -181,9 +181,12 @@ def run_tasks(tasks: list, scheduler: str, workers: int | None, progress: bool, 
 
 
 def write_recording(rec: sources.Recording, out: str, storage_options: dict, overwrite: bool,
-                    scheduler: str = "auto", workers: int | None = None, progress: bool = True) -> dict:
-    """Bin ``rec`` into a new store at ``out`` and publish it. Returns a summary dict."""
-    layout = StoreLayout.for_counts(rec.n_rows, rec.n_units)
+                    scheduler: str = "auto", workers: int | None = None, progress: bool = True,
+                    layout: StoreLayout | None = None) -> dict:
+    """Bin ``rec`` into a new store at ``out`` and publish it. Returns a summary dict.
+
+    ``layout`` overrides the chunk/shard geometry (tests and benchmarks use small chunks)."""
+    layout = layout or StoreLayout.for_counts(rec.n_rows, rec.n_units)
     if scheduler == "auto":
         # compression holds the GIL part of the time: processes scale better on large outputs.
         # Only Phy data stays on disk (in-memory npz/NWB arrays would be pickled to every task),

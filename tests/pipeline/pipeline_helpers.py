@@ -56,3 +56,25 @@ def tiny_overrides(store: str, run_dir: Path, steps: int = 30, **extra) -> list[
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
+
+
+def write_store(url: str, arrays: dict[str, np.ndarray], chunk_rows: int, storage_options: dict | None = None,
+                chunks_per_shard: int = 4) -> str:
+    """Write ``reach_arrays``-like arrays as a store with small chunks (many blocks to stream)."""
+    from fractions import Fraction
+
+    from preprocess import sources
+    from preprocess.store import StoreLayout
+
+    counts = arrays["counts"]
+    n_rows, n_units = counts.shape
+    rec = sources.Recording(
+        format="npz", path="<test>", bin_size=Fraction(str(float(arrays["bin_size"]))), n_rows=n_rows,
+        unit_ids=np.arange(n_units), unit_quality=np.array(["good"] * n_units), files=[], counts=counts,
+        trial=arrays.get("trial"), labels={"target": arrays["target"]} if "target" in arrays else {},
+        behavior={"velocity": arrays["velocity"]} if "velocity" in arrays else {},
+        bin_start_s=arrays.get("bin_start_s"))
+    layout = StoreLayout(n_rows, n_units, chunk_rows, chunk_rows * chunks_per_shard)
+    bin_spikes.write_recording(rec, url, storage_options or {}, overwrite=False, scheduler="synchronous",
+                               progress=False, layout=layout)
+    return url

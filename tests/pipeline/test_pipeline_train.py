@@ -72,7 +72,8 @@ def test_resume_continues_the_exact_sequence(store, tmp_path, monkeypatch):
     cut_dir = tmp_path / "cut"
     cfg = build_config(overrides=tiny_overrides(store, cut_dir, steps=24, **{"train.checkpoint_every": 10}))
     data = build_train_data(cfg)
-    real_next = type(data.anchors).__next__
+    sampler = type(data.anchors.source)  # runs in the prefetch thread; its error reaches the trainer in order
+    real_next = sampler.__next__
     calls = {"n": 0}
 
     class Interrupted(Exception):
@@ -84,7 +85,7 @@ def test_resume_continues_the_exact_sequence(store, tmp_path, monkeypatch):
             raise Interrupted
         return real_next(self)
 
-    monkeypatch.setattr(type(data.anchors), "__next__", flaky_next)
+    monkeypatch.setattr(sampler, "__next__", flaky_next)
     with pytest.raises(Interrupted):
         train(cfg, data=data)
     monkeypatch.undo()
