@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["MLPEncoder", "resnet_cifar", "SmallConvNet", "build_encoder", "ENCODER_KINDS"]
+__all__ = ["MLPEncoder", "SessionEncoder", "set_session", "resnet_cifar", "SmallConvNet", "build_encoder", "ENCODER_KINDS"]
 
 
 class MLPEncoder(nn.Module):
@@ -59,6 +59,39 @@ class MLPEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_dim) -> (B, out_dim)."""
         return self.net(x)
+
+
+class SessionEncoder(nn.Module):
+    """One encoder for several recording sessions whose units differ.
+
+    Each session s has its own read-in ``Linear(N_s, width)`` (units are not shared across
+    sessions: unit 3 of one session has nothing to do with unit 3 of another); the rest
+    of the network (``trunk``, e.g. an MLPEncoder with ``in_dim=width``) is shared, so all
+    sessions map into one representation space. ``session`` selects the read-in for the
+    next forward passes (a batch never mixes sessions); set it on every copy with
+    :func:`set_session`.
+
+    Shapes: (B, N_session) -> (B, trunk.out_dim).
+    """
+
+    def __init__(self, in_dims: list[int], trunk: nn.Module, width: int) -> None:
+        super().__init__()
+        self.read_in = nn.ModuleList(nn.Linear(int(n), width) for n in in_dims)
+        self.trunk = trunk
+        self.in_dims = [int(n) for n in in_dims]
+        self.out_dim = trunk.out_dim
+        self.session = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk(self.read_in[self.session](x))
+
+
+def set_session(module: nn.Module, session: int) -> None:
+    """Select ``session``'s read-in in every SessionEncoder inside ``module`` (online and
+    target networks alike); a no-op for single-session models."""
+    for m in module.modules():
+        if isinstance(m, SessionEncoder):
+            m.session = int(session)
 
 
 def resnet_cifar(depth: int = 18, in_channels: int = 3) -> nn.Module:

@@ -4,22 +4,28 @@ from __future__ import annotations
 
 import torch
 
-from model import MYOW, build_encoder
+from model import MYOW, SessionEncoder, build_encoder
 
 from .config import Config
 
 __all__ = ["build_model", "build_optimizer"]
 
 
-def build_model(cfg: Config, in_dim: int) -> MYOW:
-    """MYOW (BYOL when ``method.name: byol``; same module) for ``in_dim`` input units.
+def build_model(cfg: Config, in_dim: int | list[int]) -> MYOW:
+    """MYOW (BYOL when ``method.name: byol``; same module) for ``in_dim`` input units, or for
+    a list of sessions' unit counts (a per-session read-in Linear(N_s, hidden_dim) before
+    the shared encoder: :class:`model.SessionEncoder`).
 
     Paper neural setting (App. D): MLP encoder of ``num_blocks`` Linear(64)-BN-ReLU
     blocks and a Linear(32) output, no projectors, predictors MLP(32, 128, 32).
     """
     m = cfg.model
-    encoder = build_encoder(m.encoder, in_dim=in_dim, hidden_dim=m.hidden_dim, num_blocks=m.num_blocks,
+    dims = [in_dim] if isinstance(in_dim, int) else list(in_dim)
+    width = dims[0] if len(dims) == 1 else m.hidden_dim
+    encoder = build_encoder(m.encoder, in_dim=width, hidden_dim=m.hidden_dim, num_blocks=m.num_blocks,
                             out_dim=m.out_dim, dropout=m.dropout if cfg.method.name == "supervised" else 0.0)
+    if len(dims) > 1:
+        encoder = SessionEncoder(dims, encoder, width)
     return MYOW(encoder,
                 projector_dims=tuple(m.projector) if m.projector else None,
                 predictor_hidden=m.predictor_hidden,

@@ -48,7 +48,9 @@ class ConfigError(UsageError):
 
 @dataclass
 class DataConfig:
-    path: str | None = None  # recording store URL (path, file://, s3://, memory://)
+    # recording store URL (path, file://, s3://, memory://), a list of store URLs, or a
+    # directory/prefix of stores: several stores = a multi-session dataset (see pipeline.data)
+    path: str | list[str] | None = None
     storage_options: dict = field(default_factory=dict)  # fsspec options for path
     # train/val/test fractions: by trial order (recording order of first bin), or by time
     # blocks when the store has no trials. The test split is never used for tuning.
@@ -147,6 +149,9 @@ class RunConfig:
     threads: int = 0  # torch intra-op threads; 0 = auto (see pipeline.train.set_threads)
     resume: bool = True  # continue from dir/checkpoint.pt when it exists
     progress: bool = True  # tqdm progress bar
+    amp: bool = False  # bf16 autocast of the forward passes (GPUs with bf16; off on CPUs)
+    sync_bn: bool = False  # BatchNorm statistics over all ranks (SyncBatchNorm; CUDA only)
+    dist_timeout_s: float = 1800.0  # a collective waiting longer than this fails instead of hanging
 
 
 @dataclass

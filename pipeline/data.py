@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from preprocess.errors import UserError
+from preprocess.store import filesystem, join_url
 
 from .config import AugmentConfig, Config
 from .recording import SPLITS, Recording, hand_speed, load_recording, open_store, split_rows
@@ -49,7 +50,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Recording", "load_recording", "open_store", "hand_speed", "split_rows", "Normalization", "Augmenter",
            "Samples", "training_samples", "jitter_table", "draw_positives", "AnchorSampler", "PoolSampler",
-           "TrainData", "build_train_data", "derive_seed", "training_mask", "SPLITS"]
+           "SessionData", "TrainData", "normalization_state", "normalizations_from", "build_train_data", "session_urls", "derive_seed", "training_mask", "SPLITS"]
 
 
 # --------------------------------------------------------------------------- normalisation / augmentation
@@ -87,6 +88,18 @@ class Normalization:
     @classmethod
     def from_state_dict(cls, state: dict) -> "Normalization":
         return cls(state["mean"].float().contiguous(), state["std"].float().contiguous())
+
+
+def normalization_state(norms: list[Normalization]) -> dict | list[dict]:
+    """What a checkpoint stores: one state dict, or a list of them for several sessions."""
+    return norms[0].state_dict() if len(norms) == 1 else [n.state_dict() for n in norms]
+
+
+def normalizations_from(state: dict | list[dict]) -> Normalization | list[Normalization]:
+    """The inverse of :func:`normalization_state`."""
+    if isinstance(state, list):
+        return [Normalization.from_state_dict(s) for s in state]
+    return Normalization.from_state_dict(state)
 
 
 class Augmenter:
@@ -304,8 +317,8 @@ class PoolSampler:
 
 
 @dataclass
-class TrainData:
-    """Everything training needs from one recording."""
+class SessionData:
+    """Everything training needs from one recording (session)."""
 
     recording: Recording
     splits: dict[str, np.ndarray]  # store rows per split
@@ -313,30 +326,84 @@ class TrainData:
     anchors: Prefetcher  # -> (x1, x2, x_m, meta)
     pool: Prefetcher  # -> (x_pool, meta_pool)
     min_time_gap_s: float  # resolved mining time-exclusion window
+    n_samples: int  # SSL training samples
     samples: Samples | None = None  # the SSL training samples, when held in memory
-    streamed: bool = False
 
     @property
-    def steps_per_epoch(self) -> int:
-        return self.anchors.steps_per_epoch
-
-    @property
-    def data_wait_seconds(self) -> float:
-        """Time the trainer spent blocked on either stream so far."""
-        return self.anchors.wait_seconds + self.pool.wait_seconds
-
-    def state_dict(self) -> dict:
-        return {"anchors": self.anchors.state_dict(), "pool": self.pool.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.anchors.load_state_dict(state["anchors"])
-        self.pool.load_state_dict(state["pool"])
+    def streamed(self) -> bool:
+        return self.samples is None
 
     def close(self) -> None:
         for stream in (self.anchors, self.pool):
             stream.close(rewind=False)
             if hasattr(stream.source, "close"):
                 stream.source.close()
+
+
+@dataclass
+class TrainData:
+    """The sessions of a run and the order they are trained in.
+
+    A multi-session dataset (``data.path`` a list of stores, or a directory of stores) is
+    batched per session: each step draws its anchors AND its pool from one session,
+    picked by :meth:`session_at` with probability proportional to the session's training
+    samples (a pure function of (seed, step): the same on every rank and after a resume).
+    Units differ between sessions, so the model reads each session in through its own
+    input layer (:class:`model.SessionEncoder`). The single-session attributes
+    (``recording``, ``anchors``, ...) are those of session 0.
+    """
+
+    sessions: list[SessionData]
+    seed: int = 0
+
+    def __getattr__(self, name: str):
+        if name == "sessions":
+            raise AttributeError(name)
+        return getattr(self.sessions[0], name)
+
+    @property
+    def multi(self) -> bool:
+        return len(self.sessions) > 1
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return sum(s.anchors.steps_per_epoch for s in self.sessions)
+
+    def session_at(self, step: int) -> int:
+        """The session trained at optimizer step ``step``."""
+        if len(self.sessions) == 1:
+            return 0
+        weights = np.array([s.n_samples for s in self.sessions], dtype=np.float64)
+        rng = np.random.default_rng([int(self.seed) % (1 << 63), 6, int(step)])
+        return int(rng.choice(len(weights), p=weights / weights.sum()))
+
+    def pin_memory(self) -> None:
+        """Batches land in pinned memory (prefetch threads pin them), so that copies to the
+        GPU can be asynchronous (``non_blocking``)."""
+        for session in self.sessions:
+            session.anchors.pin = session.pool.pin = True
+
+    @property
+    def data_wait_seconds(self) -> float:
+        """Time the trainer spent blocked on the streams so far."""
+        return sum(s.anchors.wait_seconds + s.pool.wait_seconds for s in self.sessions)
+
+    def state_dict(self) -> dict:
+        return {"sessions": [{"anchors": s.anchors.state_dict(), "pool": s.pool.state_dict()}
+                             for s in self.sessions]}
+
+    def load_state_dict(self, state: dict) -> None:
+        states = state.get("sessions", [state])
+        if len(states) != len(self.sessions):
+            raise UserError(f"the checkpoint has {len(states)} sessions, data.path {len(self.sessions)}; "
+                            "resume with the same stores")
+        for session, st in zip(self.sessions, states):
+            session.anchors.load_state_dict(st["anchors"])
+            session.pool.load_state_dict(st["pool"])
+
+    def close(self) -> None:
+        for session in self.sessions:
+            session.close()
 
 
 def training_mask(rec: Recording, train_rows: np.ndarray, min_speed: float) -> np.ndarray:
@@ -353,24 +420,67 @@ def training_mask(rec: Recording, train_rows: np.ndarray, min_speed: float) -> n
     return mask
 
 
-def _use_memory(cfg: Config, rec: Recording) -> bool:
+def session_urls(path: str | list[str], storage_options: dict | None = None) -> list[str]:
+    """The stores of ``data.path``: a list of store URLs, one store, or a directory (or
+    object-storage prefix) whose sub-folders are stores (sorted by name)."""
+    if isinstance(path, list):
+        if not path:
+            raise UserError("data.path is an empty list; give one or more recording store URLs")
+        return [str(p) for p in path]
+    fs, root = filesystem(path, storage_options)
+    try:
+        if fs.exists(join_url(root, "zarr.json")) or not fs.isdir(root):
+            return [path]  # a store (or a missing path: open_store says what is wrong)
+        children = sorted(p for p in fs.ls(root, detail=False) if fs.exists(join_url(p, "zarr.json")))
+    except Exception as err:  # noqa: BLE001
+        raise UserError(f"{path}: cannot list the storage ({type(err).__name__}: {err})")
+    if not children:
+        raise UserError(f"{path}: neither a recording store nor a directory of stores; "
+                        "create stores with `python -m preprocess.bin_spikes`")
+    base = path.rstrip("/")
+    return [join_url(base, c.rstrip("/").rsplit("/", 1)[-1]) for c in children]
+
+
+def _use_memory(cfg: Config, rec: Recording, budget_bytes: float) -> bool:
     mode = cfg.data.loading
     if mode == "auto":
-        return rec.in_memory or rec.counts_nbytes_float32 <= cfg.data.memory_budget_mb * (1 << 20)
+        return rec.in_memory or rec.counts_nbytes_float32 <= budget_bytes
     return mode == "memory"
 
 
-def build_train_data(cfg: Config, recording: Recording | None = None, normalization: Normalization | None = None,
+def build_train_data(cfg: Config, recording: Recording | None = None,
+                     normalization: Normalization | list[Normalization] | None = None,
                      rank: int = 0, world_size: int = 1, progress: bool = False) -> TrainData:
-    """Open the store of ``cfg.data`` (unless given), split it, fit the normalisation on the
-    SSL training samples (unless given, e.g. from a checkpoint) and build both streams,
-    in memory or streamed (``data.loading``), for ``rank`` of ``world_size``."""
+    """Open the stores of ``cfg.data`` (or use ``recording``), split them, fit each
+    session's normalisation on its SSL training samples (unless given, e.g. from a
+    checkpoint) and build both streams per session, in memory or streamed
+    (``data.loading``; ``auto`` keeps sessions in memory while they fit
+    ``data.memory_budget_mb`` together), for ``rank`` of ``world_size``."""
     d = cfg.data
-    if recording is None:
+    if recording is not None:
+        recordings = [recording]
+    else:
         if not d.path:
             raise UserError("data.path is not set: pass --set data.path=STORE_URL or put it in the config")
-        recording = open_store(d.path, d.storage_options, attempts=d.read_retries + 1)
-    rec = recording
+        recordings = [open_store(url, d.storage_options, store_id=i, attempts=d.read_retries + 1)
+                      for i, url in enumerate(session_urls(d.path, d.storage_options))]
+    norms = normalization if isinstance(normalization, list) else [normalization] * len(recordings)
+    if len(norms) != len(recordings):
+        raise UserError(f"the checkpoint has {len(norms)} sessions, data.path {len(recordings)}; "
+                        "use the stores the run was trained on")
+    budget = d.memory_budget_mb * (1 << 20)
+    sessions = []
+    for rec, norm in zip(recordings, norms):
+        in_memory = _use_memory(cfg, rec, budget)
+        if in_memory and not rec.in_memory:
+            budget -= rec.counts_nbytes_float32
+        sessions.append(_build_session(cfg, rec, norm, rank, world_size, progress, in_memory))
+    return TrainData(sessions, seed=cfg.run.seed)
+
+
+def _build_session(cfg: Config, rec: Recording, normalization: Normalization | None, rank: int, world_size: int,
+                   progress: bool, in_memory: bool) -> SessionData:
+    d = cfg.data
     splits = split_rows(rec.trial, d.split)
     mask = training_mask(rec, splits["train"], d.min_speed)
     n_samples = int(mask.sum())
@@ -380,11 +490,12 @@ def build_train_data(cfg: Config, recording: Recording | None = None, normalizat
     if normalization is not None and normalization.mean.shape[0] != rec.n_units:
         raise UserError(f"{rec.url}: has {rec.n_units} units, the checkpoint's normalisation "
                         f"{normalization.mean.shape[0]}; use the store the run was trained on")
-    seed, B = cfg.run.seed, cfg.optim.batch_size
-    anchor_seed, order_seed, pool_seed = derive_seed(seed, 1, rank), derive_seed(seed, 4), derive_seed(seed, 2, rank)
+    seed, B, sid = cfg.run.seed, cfg.optim.batch_size, rec.store_id
+    anchor_seed, order_seed = derive_seed(seed, 1, rank, sid), derive_seed(seed, 4, sid)
+    pool_seed = derive_seed(seed, 2, rank, sid)
     mining_view = cfg.effective_mining_weight > 0 and cfg.method.mining_view == "separate"
     samples = None
-    if _use_memory(cfg, rec):
+    if in_memory:
         rec.load_rates()
         samples = training_samples(rec, np.flatnonzero(mask), d.jitter_max_bins)
         normalization = normalization or Normalization.fit(samples.rates)
@@ -403,7 +514,7 @@ def build_train_data(cfg: Config, recording: Recording | None = None, normalizat
                                     jitter_max_bins=d.jitter_max_bins, rank=rank, world_size=world_size,
                                     structured=cfg.augment.structured, mining_view=mining_view)
         pool = BlockPoolStream(rec, mask, augment, cfg.method.pool_size, settings, seed=pool_seed,
-                               order_seed=derive_seed(seed, 5, rank))
+                               order_seed=derive_seed(seed, 5, rank, sid))
     gap = d.min_time_gap_s
     if gap is None:
         gap = 0.0 if rec.has_trials else (d.jitter_max_bins + 1) * rec.bin_size_s
@@ -411,5 +522,5 @@ def build_train_data(cfg: Config, recording: Recording | None = None, normalizat
              "%d steps per epoch", rec.url, rec.n_rows, rec.n_units, "in memory" if samples else "streamed",
              len(splits["train"]), len(splits["val"]), len(splits["test"]), n_samples, anchors.steps_per_epoch)
     depth = d.prefetch_batches
-    return TrainData(rec, splits, normalization, Prefetcher(anchors, depth, "anchors"), Prefetcher(pool, depth, "pool"),
-                     float(gap), samples=samples, streamed=samples is None)
+    return SessionData(rec, splits, normalization, Prefetcher(anchors, depth, "anchors"),
+                       Prefetcher(pool, depth, "pool"), float(gap), n_samples, samples)

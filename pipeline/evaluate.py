@@ -31,13 +31,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model import set_session
 from preprocess.errors import UserError, run_cli, setup_logging
 
 from .build import build_model
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint
 from .cli import OneLineParser, to_json
 from .config import Config, build_config
-from .data import Normalization
+from .data import Normalization, normalizations_from, session_urls
 from .recording import Recording, hand_speed, open_store, split_rows
 
 log = logging.getLogger("pipeline.evaluate")
@@ -275,9 +276,10 @@ def _read_metrics(path: Path) -> list[dict]:
 
 
 def save_plots(run_dir: str | os.PathLike, embedding: np.ndarray, rec: Recording, split=(0.7, 0.1, 0.2),
-               reach_min_speed: float = 5.0, tsne: bool = True, seed: int = 0) -> list[Path]:
-    """``tsne.png`` (t-SNE of <= 2000 rows, moving bins for reach data, coloured by the main
-    label) and ``mined_label_agreement.png`` (from metrics.jsonl). Returns the written paths."""
+               reach_min_speed: float = 5.0, tsne: bool = True, seed: int = 0, suffix: str = "") -> list[Path]:
+    """``tsne{suffix}.png`` (t-SNE of <= 2000 rows, moving bins for reach data, coloured by
+    the main label) and ``mined_label_agreement{suffix}.png`` (from metrics.jsonl; suffix
+    e.g. "-session1" in multi-session runs). Returns the written paths."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -309,7 +311,7 @@ def save_plots(run_dir: str | os.PathLike, embedding: np.ndarray, rec: Recording
         ax.set_title(f"t-SNE of the representation ({len(rows)} bins)")
         ax.set_xticks([]), ax.set_yticks([])
         fig.tight_layout()
-        path = run_dir / "tsne.png"
+        path = run_dir / f"tsne{suffix}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
@@ -332,11 +334,23 @@ def save_plots(run_dir: str | os.PathLike, embedding: np.ndarray, rec: Recording
     ax.set_ylabel(f"mined label agreement{f' ({main})' if main else ''}")
     ax.set_ylim(0, 1)
     fig.tight_layout()
-    path = run_dir / "mined_label_agreement.png"
+    path = run_dir / f"mined_label_agreement{suffix}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     written.append(path)
     return written
+
+
+def combine_sessions(results: list[dict], urls: list[str]) -> dict:
+    """One session: its metrics. Several: the mean of every metric all sessions have, and
+    ``sessions``: each session's metrics with its ``url``."""
+    if len(results) == 1:
+        return results[0]
+    shared = [k for k, v in results[0].items()
+              if isinstance(v, (int, float)) and all(isinstance(r.get(k), (int, float)) for r in results)]
+    out = {k: float(np.mean([r[k] for r in results])) for k in shared}
+    out["sessions"] = [{"url": u, **r} for u, r in zip(urls, results)]
+    return out
 
 
 # --------------------------------------------------------------------------- run-level
@@ -370,23 +384,44 @@ def evaluate_run(run_dir: str | os.PathLike, data: str | None = None, export: st
                  plots: bool = True) -> dict:
     """Evaluate a run's final checkpoint on its store (or ``data``); returns the metrics dict."""
     cfg, ckpt = load_run(run_dir)
-    url = data or cfg.data.path
-    if not url:
+    norms = normalizations_from(ckpt["normalization"])
+    norms = norms if isinstance(norms, list) else [norms]
+    so = cfg.data.storage_options
+    if not (data or cfg.data.path):
         raise UserError("the run's config has no data.path; pass --data STORE_URL")
-    rec = open_store(url, cfg.data.storage_options, attempts=cfg.data.read_retries + 1)
-    norm = Normalization.from_state_dict(ckpt["normalization"])
-    if norm.mean.shape[0] != rec.n_units:
-        raise UserError(f"{url}: has {rec.n_units} units but the run was trained on {norm.mean.shape[0]}; "
-                        "pass the store the run was trained on (--data)")
-    model = build_model(cfg, rec.n_units)
+    trained_on = session_urls(cfg.data.path, so) if cfg.data.path else [data]
+    if data is None:
+        chosen = list(range(len(norms)))
+    elif len(norms) == 1:
+        chosen, trained_on = [0], [data]
+    elif data in trained_on:
+        chosen = [trained_on.index(data)]
+    else:
+        raise UserError(f"--data {data}: not one of the run's {len(norms)} sessions; pass one of {trained_on}")
+    if len(trained_on) != len(norms):
+        raise UserError(f"{cfg.data.path}: holds {len(trained_on)} stores, the run was trained on {len(norms)}; "
+                        "pass the store to evaluate with --data")
+    if export and len(chosen) > 1:
+        raise UserError("--export-embeddings needs one session: pass it with --data STORE_URL")
+    model = build_model(cfg, [n.mean.shape[0] for n in norms] if len(norms) > 1 else norms[0].mean.shape[0])
     model.load_state_dict(ckpt["model"])
-    emb = embed(model.encoder, rec, norm)
-    results = evaluate_embedding(emb, rec, cfg.data.split, cfg.eval.tasks, cfg.eval.reach_min_speed)
+    per_session = []
+    for i in chosen:
+        url = trained_on[i]
+        rec = open_store(url, so, attempts=cfg.data.read_retries + 1)
+        if norms[i].mean.shape[0] != rec.n_units:
+            raise UserError(f"{url}: has {rec.n_units} units but the run was trained on {norms[i].mean.shape[0]}; "
+                            "pass the store the run was trained on (--data)")
+        set_session(model, i)
+        emb = embed(model.encoder, rec, norms[i])
+        per_session.append(evaluate_embedding(emb, rec, cfg.data.split, cfg.eval.tasks, cfg.eval.reach_min_speed))
+        if export:
+            export_embeddings(export, emb, rec)
+        if plots:
+            save_plots(run_dir, emb, rec, cfg.data.split, cfg.eval.reach_min_speed, cfg.eval.tsne, cfg.run.seed,
+                       suffix=f"-session{i}" if len(norms) > 1 else "")
+    results = combine_sessions(per_session, [trained_on[i] for i in chosen])
     results["step"] = int(ckpt["step"])
-    if export:
-        export_embeddings(export, emb, rec)
-    if plots:
-        save_plots(run_dir, emb, rec, cfg.data.split, cfg.eval.reach_min_speed, cfg.eval.tsne, cfg.run.seed)
     return results
 
 

@@ -40,6 +40,9 @@ class NullMetrics:
     def update(self, out: dict, samples: int, step_seconds: float, data_wait_seconds: float) -> None:
         pass
 
+    def observe_checkpoint(self, seconds: float) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -61,6 +64,14 @@ class MetricsServer(NullMetrics):
         self.data_wait = Histogram("myow_data_wait_seconds", "time blocked waiting for the next batch", labels,
                                    buckets=SECONDS_BUCKETS, registry=reg).labels(rank=self.rank)
         Gauge("myow_world_size", "ranks", labels, registry=reg).labels(rank=self.rank).set(world_size)
+        # beyond the contract: what an operator watches
+        self.samples_rate = Gauge("myow_train_samples_per_second", "anchor samples per second over the last step "
+                                  "(all ranks' anchors / (step + data wait))", labels, registry=reg).labels(rank=self.rank)
+        self.checkpoint_seconds = Histogram("myow_checkpoint_seconds", "wall time to write a checkpoint", labels,
+                                            buckets=SECONDS_BUCKETS, registry=reg).labels(rank=self.rank)
+        self.rss = Gauge("myow_process_resident_memory_bytes", "resident memory of this rank's process", labels,
+                         registry=reg).labels(rank=self.rank)
+        self.rss.set_function(_resident_bytes)
         self._samples_seen = 0
         try:
             self.server, self.thread = start_http_server(port, addr=host, registry=reg)
@@ -75,7 +86,10 @@ class MetricsServer(NullMetrics):
         ``samples`` is the cumulative count of anchor samples consumed.
         """
         self.steps.labels(rank=self.rank).inc()
-        self.samples.labels(rank=self.rank).inc(max(0, samples - self._samples_seen))
+        new = max(0, samples - self._samples_seen)
+        if step_seconds + data_wait_seconds > 0:
+            self.samples_rate.set(new / (step_seconds + data_wait_seconds))
+        self.samples.labels(rank=self.rank).inc(new)
         self._samples_seen = max(self._samples_seen, samples)
         for term, key in _LOSS_TERMS.items():
             if out.get(key) is not None:
@@ -86,9 +100,18 @@ class MetricsServer(NullMetrics):
         self.step_seconds.observe(step_seconds)
         self.data_wait.observe(data_wait_seconds)
 
+    def observe_checkpoint(self, seconds: float) -> None:
+        self.checkpoint_seconds.observe(seconds)
+
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def _resident_bytes() -> float:
+    import psutil
+
+    return float(psutil.Process().memory_info().rss)
 
 
 def make_metrics(host: str, port: int, rank: int = 0, world_size: int = 1) -> NullMetrics:

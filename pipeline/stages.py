@@ -150,6 +150,16 @@ class ShuffleBuffer:
         self.size = 0
 
 
+def _pinned(item):
+    if isinstance(item, torch.Tensor):
+        return item.pin_memory()
+    if isinstance(item, dict):
+        return {k: _pinned(v) for k, v in item.items()}
+    if isinstance(item, (tuple, list)):
+        return type(item)(_pinned(v) for v in item)
+    return item
+
+
 class _Failure:
     def __init__(self, error: BaseException):
         self.error = error
@@ -173,12 +183,15 @@ class Prefetcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.wait_seconds = 0.0
+        self.pin = False  # pin batches' tensors (asynchronous host-to-GPU copies)
 
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
                 item = next(self.source)
                 snapshot = self.source.state_dict()
+                if self.pin:
+                    item = _pinned(item)
                 while not self._stop.is_set():
                     try:
                         self._queue.put((item, snapshot), timeout=0.1)

@@ -24,12 +24,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import functools
 import json
 import logging
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,16 +42,19 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
-from model import MYOW, cosine_ema_momentum, exclusion_mask, mine_views, mining_weight, warmup_cosine_lr
+from model import MYOW, cosine_ema_momentum, exclusion_mask, mine_views, mining_weight, set_session, warmup_cosine_lr
 from preprocess.errors import UserError, run_cli, setup_logging
 
 from .build import build_model, build_optimizer
 from .checkpoint import CHECKPOINT_NAME, atomic_write_text, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .cli import OneLineParser, to_json
 from .config import Config, config_to_dict, dump_config, load_config
-from .data import Normalization, TrainData, build_train_data, derive_seed
+from .distributed import (DistEnv, all_gather_pool, all_reduce_mean, barrier, broadcast_object, configure_rank_logging,
+                          gather_object, init_distributed, shutdown, wrap_ddp)
+from .data import TrainData, build_train_data, derive_seed, normalization_state, normalizations_from
 from .metrics import make_metrics
 
 log = logging.getLogger("pipeline.train")
@@ -134,14 +141,16 @@ def mining_stats(idx: torch.Tensor, meta: Meta, pool_meta: Meta, pool_size: int)
     return out
 
 
-def train_step(model: MYOW, optimizer: torch.optim.Optimizer,
+def train_step(model: MYOW | nn.Module, optimizer: torch.optim.Optimizer,
                anchors: tuple[torch.Tensor, torch.Tensor, torch.Tensor, Meta],
                pool: tuple[torch.Tensor, Meta] | None, step: int, cfg: Config, generator: torch.Generator,
-               *, plan: Plan, gather: Gather = identity_gather, rank: int = 0, world_size: int = 1) -> dict:
+               *, plan: Plan, gather: Gather = identity_gather) -> dict:
     """One MYOW/BYOL optimizer step (paper Algorithm 1).
 
     Args:
-        model: the MYOW module, in train mode (pass the DDP wrapper's module calls later).
+        model: the MYOW module in train mode, or its DDP wrapper: every computation with a
+            gradient goes through ``model(..., mode=...)`` so DDP sees it, and the two
+            losses are summed before ONE backward (gradients are reduced once per step).
         optimizer: built over ``model.online_parameters()``.
         anchors: (x1, x2, x_m, meta): (B, N) views of B anchors (x2 from a temporal-jitter
             neighbour, x_m a separate draw for mining) and their (B,) metadata tensors.
@@ -150,9 +159,8 @@ def train_step(model: MYOW, optimizer: torch.optim.Optimizer,
         step: 0-based optimizer step (drives the lr, tau and lambda schedules).
         generator: torch.Generator for the random pick among the k nearest neighbours.
         plan: resolved step counts (:class:`Plan`).
-        gather: all-gathers pool representations + metadata across ranks (identity here).
-        rank, world_size: this process's rank and the number of ranks (unused until
-            distributed training; kept so the call site does not change).
+        gather: all-gathers pool representations + metadata across ranks
+            (:func:`pipeline.distributed.all_gather_pool`; identity in one process).
 
     Returns:
         floats: loss_augmented, loss_mined, loss_total, mining_weight, learning_rate,
@@ -161,37 +169,38 @@ def train_step(model: MYOW, optimizer: torch.optim.Optimizer,
         mined_label_agreement_ratio (None without labels), mined_valid_ratio.
     """
     x1, x2, x_m, meta = anchors
+    core = getattr(model, "module", model)  # the MYOW module itself (no-grad paths skip DDP)
     lr, tau, lam = schedules(step, cfg, plan)
     for group in optimizer.param_groups:
         group["lr"] = lr
 
     # Augmented views: symmetric BYOL loss; the online y(x1) feeds the collapse monitor and,
     # with method.mining_view "anchor", the miner.
-    loss_aug, y1 = model.augmented_loss(x1, x2, return_representation=True)
+    loss_aug, y1 = model(x1, x2, mode="augmented_loss", return_representation=True)
 
     stats: dict = dict.fromkeys(MINING_METRICS)
     if lam > 0 and pool is not None:
         # Mining (Algorithm 1, "Mine views"): online y of the anchors' mining views against
         # target y of the independent pool; the same pool serves every anchor.
         x_pool, pool_meta = pool
-        y_m = y1 if x_m is None else model.online_mining_representation(x_m)  # (B, D), with grad
-        pool_y = model.target_representation(x_pool)  # (L, D), no grad
-        pool_y, pool_meta = gather(pool_y, pool_meta)  # (world_size * L, D)
+        y_m = y1 if x_m is None else model(x_m, mode="online_mining_representation")  # (B, D), with grad
+        pool_y = core.target_representation(x_pool)  # (L, D), no grad
+        pool_y, pool_meta = gather(pool_y, pool_meta)  # (world_size * L, D): the global pool
         stores = (meta["store"], pool_meta["store"]) if plan.multi_store else (None, None)
         exclude = exclusion_mask(meta["trial"], pool_meta["trial"], meta["time"], pool_meta["time"],
-                                 plan.min_time_gap_s, *stores)  # (B, L) bool, True = not allowed
+                                 plan.min_time_gap_s, *stores)  # (B, world_size * L) bool, True = not allowed
         idx = mine_views(y_m.detach(), pool_y, cfg.method.k, generator, exclude)  # (B,), -1 = none
-        loss_mined = model.mined_loss(y_m, pool_y, idx)
+        loss_mined = model(y_m, pool_y, idx, mode="mined_loss")
         stats = mining_stats(idx, meta, pool_meta, pool_y.shape[0])
     else:
-        # Keeps the mined heads in the graph (zero gradient), as DDP will need.
-        loss_mined = model.zero_mined_loss()
+        # Keeps the mined heads in the graph (zero gradient): DDP needs every parameter used.
+        loss_mined = model(mode="zero_mined_loss")
 
     loss = loss_aug + lam * loss_mined
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    model.update_target(tau)
+    core.update_target(tau)
 
     with torch.no_grad():
         emb_std = F.normalize(y1.detach().float(), dim=1).std(dim=0).mean()
@@ -216,14 +225,6 @@ def set_threads(threads: int) -> int:
         threads = max(1, min(4, cores))
     torch.set_num_threads(threads)
     return threads
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("run.device=cuda but no CUDA device is available; use run.device=auto or cpu")
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -268,103 +269,214 @@ def _trim_metrics(path: Path, last_step: int) -> None:
 
 # --------------------------------------------------------------------------- the loop
 
+# Config keys that must match to resume a checkpoint: they change the data, the model or
+# the meaning of a step. Everything else (train.max_steps, logging, metrics, threads, ...)
+# may change between runs of the same run.dir.
+RESUME_KEYS = ("data.path", "data.split", "data.min_speed", "data.jitter_max_bins", "model", "method",
+               "optim.name", "optim.batch_size", "run.seed")
 
-def train(cfg: Config, data: TrainData | None = None) -> tuple[Path, dict]:
-    """Train (or resume) a run and evaluate it. Returns (run directory, evaluation metrics)."""
-    from .evaluate import embed, evaluate_embedding, save_plots
 
+def check_resumable(checkpoint: dict, cfg: Config, world_size: int, ckpt_path: Path) -> None:
+    """UserError when ``checkpoint`` was written by another world size or an incompatible config."""
+    saved_world = int(checkpoint.get("world_size", 1))
+    if saved_world != world_size:
+        raise UserError(f"{ckpt_path}: written by {saved_world} rank(s), this run has {world_size}; resume with "
+                        f"--nproc_per_node={saved_world}, or use another run.dir to start over")
+    old, new = checkpoint["config"], config_to_dict(cfg)
+    for key in RESUME_KEYS:
+        section, _, field = key.partition(".")
+        a = old.get(section, {}) if not field else old.get(section, {}).get(field)
+        b = new[section] if not field else new[section][field]
+        if a != b:
+            if isinstance(a, dict):  # name the first differing key of the section
+                field = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+                key, a, b = f"{section}.{field}", a.get(field), b.get(field)
+            raise UserError(f"{ckpt_path}: the checkpoint's {key} is {a!r}, this config has {b!r}; "
+                            "resume with the same config, or use another run.dir to start over")
+
+
+class StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints and stops at the next step boundary
+    (the same step on every rank: the flag is all-reduced). A second signal is not caught."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+        for sig, handler in self._previous.items():  # a second signal acts as usual
+            signal.signal(sig, handler)
+
+    def requested(self, env: DistEnv) -> bool:
+        flag = float(self.signal is not None)
+        if env.distributed:
+            flag = all_reduce_mean({"stop": flag}, env)["stop"]
+        return flag > 0
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def resolve_run_dir(cfg: Config, env: DistEnv) -> Path:
+    """``run.dir``, or a new runs/<method>-<time> chosen by rank 0 and shared with every rank."""
+    run_dir = Path(cfg.run.dir) if cfg.run.dir else (default_run_dir(cfg) if env.is_main else None)
+    return Path(broadcast_object(str(run_dir), env))
+
+
+def train(cfg: Config, data: TrainData | None = None, env: DistEnv | None = None) -> tuple[Path, dict]:
+    """Train (or resume) a run and evaluate it; one process or one rank of torchrun.
+
+    Returns (run directory, evaluation metrics); ranks other than 0 return an empty dict,
+    and a run stopped by SIGTERM/SIGINT returns {"stopped_at_step": n} after checkpointing.
+    """
+    from .evaluate import combine_sessions, embed, evaluate_embedding, save_plots
+
+    env = env or init_distributed(cfg.run.device)
     threads = set_threads(cfg.run.threads)
     # Subnormal floats (tiny EMA/Adam updates late in training) are ~100x slower on x86 CPUs;
     # flushing them to 0 made the CPU MYOW step ~25% faster and changes nothing measurable.
     torch.set_flush_denormal(True)
-    device = resolve_device(cfg.run.device)
-    run_dir = Path(cfg.run.dir) if cfg.run.dir else default_run_dir(cfg)
+    device = env.device
+    run_dir = resolve_run_dir(cfg, env)
     ckpt_path = run_dir / CHECKPOINT_NAME
     resume = load_checkpoint(ckpt_path) if cfg.run.resume and ckpt_path.exists() else None
-    normalization = Normalization.from_state_dict(resume["normalization"]) if resume else None
+    if resume:
+        check_resumable(resume, cfg, env.world_size, ckpt_path)
+    normalization = normalizations_from(resume["normalization"]) if resume else None
 
-    data = data or build_train_data(cfg, normalization=normalization, progress=cfg.run.progress)  # before the run dir:
-    run_dir.mkdir(parents=True, exist_ok=True)  # a bad store leaves nothing behind
+    data = data or build_train_data(cfg, normalization=normalization, rank=env.rank, world_size=env.world_size,
+                                    progress=cfg.run.progress and env.is_main)  # before the run dir:
+    if env.is_main:  # a bad store leaves nothing behind
+        run_dir.mkdir(parents=True, exist_ok=True)
+    if device.type == "cuda":
+        data.pin_memory()
     plan = Plan.build(cfg, data.steps_per_epoch, data.min_time_gap_s)
-    seed_everything(cfg.run.seed)  # model initialisation
-    model = build_model(cfg, data.recording.n_units).to(device)
+    plans = [dataclasses.replace(plan, min_time_gap_s=s.min_time_gap_s) for s in data.sessions]
+    seed_everything(cfg.run.seed)  # model initialisation: the same on every rank
+    units = [s.recording.n_units for s in data.sessions]
+    model = build_model(cfg, units if data.multi else units[0]).to(device)
     optimizer = build_optimizer(cfg, model.online_parameters())
-    mining_gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, 3))
+    mining_gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, 3, env.rank))
     start = 0
     if resume:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
-        data.load_state_dict(resume["data"])
-        set_rng_state(resume["rng"], mining_gen)
+        data.load_state_dict(_per_rank(resume["data"], env))
+        set_rng_state(_per_rank(resume["rng"], env), mining_gen)
         start = int(resume["step"])
         log.info("resuming %s at step %d", run_dir, start)
-    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    # DDP after loading: it broadcasts rank 0's weights at construction
+    net = wrap_ddp(model, env, sync_bn=cfg.run.sync_bn, find_unused_parameters=data.multi)
+    gather = functools.partial(all_gather_pool, env=env)
     metrics_path = run_dir / "metrics.jsonl"
-    for path in (metrics_path, run_dir / "evaluations.jsonl"):
-        if resume:
-            _trim_metrics(path, start)  # lines written after the checkpoint are written again
-        elif path.exists():
-            path.unlink()
-    log.info("run %s: %s, %d steps (%d per epoch), device %s, %d threads",
-             run_dir, cfg.method.name, plan.total_steps, plan.steps_per_epoch, device, threads)
+    if env.is_main:
+        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+        for path in (metrics_path, run_dir / "evaluations.jsonl"):
+            if resume:
+                _trim_metrics(path, start)  # lines written after the checkpoint are written again
+            elif path.exists():
+                path.unlink()
+    barrier(env)
+    log.info("run %s: %s, %d steps (%d per epoch), %d rank(s), device %s, %d threads",
+             run_dir, cfg.method.name, plan.total_steps, plan.steps_per_epoch, env.world_size, device, threads)
 
     def checkpoint(step: int) -> None:
-        save_checkpoint(ckpt_path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-            "epoch": step // plan.steps_per_epoch, "config": config_to_dict(cfg),
-            "normalization": data.normalization.state_dict(), "data": data.state_dict(),
-            "rng": rng_state(mining_gen)})
+        t0 = time.perf_counter()
+        data_states, rng_states = gather_object(data.state_dict(), env), gather_object(rng_state(mining_gen), env)
+        if env.is_main:
+            save_checkpoint(ckpt_path, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                "epoch": step // plan.steps_per_epoch, "config": config_to_dict(cfg),
+                "normalization": normalization_state([s.normalization for s in data.sessions]),
+                "data": data_states, "rng": rng_states, "world_size": env.world_size})
+        barrier(env)
+        metrics.observe_checkpoint(time.perf_counter() - t0)
 
     def evaluate(step: int, plots: bool = False) -> dict:
-        emb = embed(model.encoder, data.recording, data.normalization, device)
-        results = evaluate_embedding(emb, data.recording, cfg.data.split, cfg.eval.tasks, cfg.eval.reach_min_speed)
+        per_session = []
+        for i, s in enumerate(data.sessions):
+            set_session(model, i)
+            emb = embed(model.encoder, s.recording, s.normalization, device)
+            per_session.append(evaluate_embedding(emb, s.recording, cfg.data.split, cfg.eval.tasks,
+                                                  cfg.eval.reach_min_speed))
+            if plots:
+                save_plots(run_dir, emb, s.recording, cfg.data.split, cfg.eval.reach_min_speed, cfg.eval.tsne,
+                           cfg.run.seed, suffix=f"-session{i}" if data.multi else "")
+        results = combine_sessions(per_session, [s.recording.url for s in data.sessions])
         results["step"] = step
         with open(run_dir / "evaluations.jsonl", "a") as f:
             f.write(to_json(results) + "\n")
-        if plots:
-            save_plots(run_dir, emb, data.recording, cfg.data.split, cfg.eval.reach_min_speed, cfg.eval.tsne,
-                       cfg.run.seed)
         return results
 
     model.train()
-    batch = data.anchors.batch_size * 1  # x world_size under torchrun
-    metrics = make_metrics(cfg.metrics.host, cfg.metrics.port)
+    metrics = make_metrics(cfg.metrics.host, cfg.metrics.port, env.rank, env.world_size)
     bar = tqdm(total=plan.total_steps, initial=start, desc=cfg.method.name, unit="step", dynamic_ncols=True,
-               disable=not cfg.run.progress, file=sys.stderr)
-    with open(metrics_path, "a") as metrics_file, contextlib.closing(metrics), contextlib.closing(bar), \
-            contextlib.closing(data):
-        for step in range(start, plan.total_steps):
-            t0 = time.perf_counter()
-            anchors = next(data.anchors)
-            pool = next(data.pool) if schedules(step, cfg, plan)[2] > 0 else None  # no pool while lambda == 0
-            anchors, pool = _to(anchors, device), _to(pool, device)
-            t1 = time.perf_counter()
-            out = train_step(model, optimizer, anchors, pool, step, cfg, mining_gen, plan=plan)
-            t2 = time.perf_counter()
-            done = step + 1
-            if not math.isfinite(out["loss_total"]):
-                raise UserError(f"training diverged at step {done} (loss {out['loss_total']}); "
-                                "lower optim.lr or check the data")
-            bar.update(1)
-            metrics.update(out, done * batch, t2 - t1, t1 - t0)
-            if done % cfg.train.log_every == 0 or done == plan.total_steps or done == start + 1:
-                record = {"step": done, "epoch": done // plan.steps_per_epoch, **out,
-                          "samples": done * batch, "step_seconds": t2 - t1, "data_wait_seconds": t1 - t0}
-                metrics_file.write(to_json(record) + "\n")
-                metrics_file.flush()
-                bar.set_postfix(aug=f"{out['loss_augmented']:.3f}",
-                                mined="-" if out["loss_mined"] is None else f"{out['loss_mined']:.3f}",
-                                lam=f"{out['mining_weight']:.2f}", refresh=False)
-            if done % cfg.train.checkpoint_every == 0 and done < plan.total_steps:
-                checkpoint(done)
-            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < plan.total_steps:
-                res = evaluate(done)
-                log.info("step %d: %s", done, to_json(res))
-    final = max(start, plan.total_steps)
-    checkpoint(final)
-    results = evaluate(final, plots=True)
-    atomic_write_text(run_dir / "eval.json", to_json(results) + "\n")
+               disable=not (cfg.run.progress and env.is_main), file=sys.stderr)
+    stop = StopRequest()
+    samples = start * cfg.optim.batch_size * env.world_size  # global anchors consumed (equal B per rank)
+    try:
+        with open(metrics_path, "a") if env.is_main else contextlib.nullcontext() as metrics_file, \
+                contextlib.closing(metrics), contextlib.closing(bar), contextlib.closing(data):
+            for step in range(start, plan.total_steps):
+                t0 = time.perf_counter()
+                session = data.session_at(step)  # the same on every rank
+                stream = data.sessions[session]
+                anchors = next(stream.anchors)
+                pool = next(stream.pool) if schedules(step, cfg, plan)[2] > 0 else None  # none while lambda == 0
+                anchors, pool = _to(anchors, device), _to(pool, device)
+                t1 = time.perf_counter()
+                set_session(model, session)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.run.amp):
+                    out = train_step(net, optimizer, anchors, pool, step, cfg, mining_gen, plan=plans[session],
+                                     gather=gather)
+                t2 = time.perf_counter()
+                done = step + 1
+                samples += anchors[0].shape[0] * env.world_size
+                if not math.isfinite(out["loss_total"]):
+                    raise UserError(f"training diverged at step {done} (loss {out['loss_total']}); "
+                                    "lower optim.lr or check the data")
+                bar.update(1)
+                metrics.update(out, samples, t2 - t1, t1 - t0)
+                if env.is_main and (done % cfg.train.log_every == 0 or done == plan.total_steps
+                                    or done == start + 1):
+                    record = {"step": done, "epoch": done // plan.steps_per_epoch, **out, "samples": samples,
+                              "world_size": env.world_size, "step_seconds": t2 - t1, "data_wait_seconds": t1 - t0}
+                    metrics_file.write(to_json(record) + "\n")
+                    metrics_file.flush()
+                    bar.set_postfix(aug=f"{out['loss_augmented']:.3f}",
+                                    mined="-" if out["loss_mined"] is None else f"{out['loss_mined']:.3f}",
+                                    lam=f"{out['mining_weight']:.2f}", refresh=False)
+                if stop.requested(env):
+                    checkpoint(done)
+                    log.warning("stopped by signal at step %d; checkpoint saved in %s: rerun the same command "
+                                "to resume", done, run_dir)
+                    return run_dir, {"stopped_at_step": done}
+                if done % cfg.train.checkpoint_every == 0 and done < plan.total_steps:
+                    checkpoint(done)
+                if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < plan.total_steps:
+                    if env.is_main:
+                        log.info("step %d: %s", done, to_json(evaluate(done)))
+                    barrier(env)
+            final = max(start, plan.total_steps)
+            checkpoint(final)
+    finally:
+        stop.restore()
+    results = {}
+    if env.is_main:
+        results = evaluate(final, plots=True)
+        atomic_write_text(run_dir / "eval.json", to_json(results) + "\n")
+    barrier(env)
     return run_dir, results
+
+
+def _per_rank(state, env: DistEnv):
+    """This rank's entry of a per-rank checkpoint list (older single-process checkpoints: the state)."""
+    return state[env.rank] if isinstance(state, list) else state
 
 
 # --------------------------------------------------------------------------- CLI
@@ -404,10 +516,17 @@ def main(argv: list[str] | None = None) -> int:
         from .supervised import train_supervised
 
         run_dir, results = train_supervised(cfg)
-    else:
-        run_dir, results = train(cfg)
-    print(to_json({**results, "run_dir": str(run_dir)}))
-    print(f"run directory: {run_dir}")
+        print(to_json({**results, "run_dir": str(run_dir)}))
+        return 0
+    env = init_distributed(cfg.run.device, cfg.run.dist_timeout_s)  # torchrun's ranks, or a world of one
+    configure_rank_logging(env)
+    try:
+        run_dir, results = train(cfg, env=env)
+    finally:
+        shutdown(env)
+    if env.is_main:
+        print(to_json({**results, "run_dir": str(run_dir)}))
+        print(f"run directory: {run_dir}")
     return 0
 
 

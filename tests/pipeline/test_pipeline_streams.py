@@ -413,3 +413,40 @@ def test_split_and_mask_helpers_agree():
     splits = split_rows(rec.trial)
     mask = training_mask(rec, splits["train"], 0.0)
     assert np.array_equal(np.flatnonzero(mask), splits["train"])
+
+
+# --------------------------------------------------------------------------- multi-session
+
+
+def test_a_directory_of_stores_trains_as_sessions_with_their_own_read_in(tmp_path):
+    from pipeline.data import session_urls
+    from pipeline.evaluate import evaluate_run
+    from pipeline.train import train
+    from pipeline_helpers import make_store, tiny_overrides
+
+    folder = tmp_path / "sessions"
+    a = make_store(folder, "a", n_trials=30, n_units=16, seed=1)
+    b = make_store(folder, "b", n_trials=20, n_units=10, seed=2)
+    (folder / "a.npz").unlink(), (folder / "b.npz").unlink()
+    assert session_urls(str(folder)) == [a, b] and session_urls([b]) == [b]
+
+    cfg = build_config(overrides=tiny_overrides(str(folder), tmp_path / "run", steps=12,
+                                                **{"data.loading": "stream"}))
+    data = build_train_data(cfg)
+    assert data.multi and [s.recording.n_units for s in data.sessions] == [16, 10]
+    picks = [data.session_at(t) for t in range(400)]
+    assert picks == [data.session_at(t) for t in range(400)]  # a pure function of the step
+    share = picks.count(0) / len(picks)
+    expect = data.sessions[0].n_samples / (data.sessions[0].n_samples + data.sessions[1].n_samples)
+    assert abs(share - expect) < 0.08
+    for i, s in enumerate(data.sessions):  # every batch comes from one session
+        assert set(next(s.anchors)[3]["store"].tolist()) == {i} and set(next(s.pool)[1]["store"].tolist()) == {i}
+    data.close()
+
+    run_dir, results = train(cfg)
+    assert [r["url"] for r in results["sessions"]] == [a, b] and "reach_acc" in results
+    assert results["reach_acc"] == pytest.approx(np.mean([r["reach_acc"] for r in results["sessions"]]))
+    model_state = torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]
+    assert model_state["encoder.read_in.0.weight"].shape[1] == 16 and model_state["encoder.read_in.1.weight"].shape[1] == 10
+    one = evaluate_run(run_dir, data=b, plots=False)
+    assert one["reach_acc"] == pytest.approx(results["sessions"][1]["reach_acc"]) and "sessions" not in one
