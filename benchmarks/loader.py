@@ -171,6 +171,19 @@ def make_large_store(url: str, target_gb: float, n_units: int = 400, seed: int =
     return n_rows * n_units * 2 / 1e9, disk / 1e9
 
 
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process image: VmHWM, which execve resets. (ru_maxrss
+    survives execve, so a child started by a large parent would report the parent's peak.)"""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def stream_whole_store(url: str) -> dict:
     """(Child process) stream one epoch of anchors (+ a pool per step); report peak RSS."""
     from pipeline.config import load_config
@@ -187,7 +200,7 @@ def stream_whole_store(url: str) -> dict:
         next(data.anchors), next(data.pool)
     t2 = time.perf_counter()
     data.close()
-    return {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+    return {"peak_rss_gb": peak_rss_bytes() / 1e9,
             "normalisation_pass_s": round(t1 - t0, 1), "epoch_steps": steps,
             "samples_per_s": steps * B / (t2 - t1)}
 
@@ -269,6 +282,11 @@ def main() -> None:
                                check=True)
         res = json.loads(child.stdout.strip().splitlines()[-1])
         out["peak_rss_gb"] = res.pop("peak_rss_gb")
+        # for scale: what importing torch alone costs (a CUDA build maps ~0.7 GB here)
+        probe = "import sys, torch; sys.path.insert(0, sys.argv[1]); import loader; print(loader.peak_rss_bytes())"
+        torch_only = subprocess.run([sys.executable, "-c", probe, str(ROOT / "benchmarks")], capture_output=True,
+                                    text=True, check=True)
+        out["torch_import_rss_gb"] = int(torch_only.stdout.strip()) / 1e9
         out.update({f"large_{k}": v for k, v in res.items()})
     out.update(data_wait_ratio(workdir, args.train_steps))
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}))

@@ -150,13 +150,13 @@ def all_gather_pool(y: torch.Tensor, meta: Meta, env: DistEnv) -> tuple[torch.Te
     all_sizes = [torch.empty_like(size) for _ in range(env.world_size)]
     dist.all_gather(all_sizes, size)
     sizes = torch.cat(all_sizes).tolist()  # [L of rank 0, L of rank 1, ...]
-    pool_y = _gather_rows(y.detach(), sizes, env)
+    pool_y = _gather_rows(y, sizes, env)
     by_dtype: dict[torch.dtype, list[str]] = {}
     for key in sorted(meta):  # sorted: the same collective order on every rank
         by_dtype.setdefault(meta[key].dtype, []).append(key)
     pool_meta: Meta = {}
     for keys in by_dtype.values():
-        cols = torch.stack([meta[k].detach().to(env.device) for k in keys], dim=1)  # (L, k)
+        cols = torch.stack([meta[k].to(env.device) for k in keys], dim=1)  # (L, k)
         gathered = _gather_rows(cols, sizes, env)
         for i, key in enumerate(keys):
             pool_meta[key] = gathered[:, i].to(meta[key].device)

@@ -61,6 +61,7 @@ def release_freed_blocks(threshold_bytes: int = 256 << 10) -> None:
 
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, int(threshold_bytes))  # M_MMAP_THRESHOLD (also disables its dynamic raise)
+        libc.mallopt(-8, 2)  # M_ARENA_MAX: fewer per-thread heaps holding freed memory
     except (OSError, AttributeError):
         pass
 
