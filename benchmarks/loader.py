@@ -1,23 +1,29 @@
 """Data-loader throughput and memory, in one run; prints one JSON line.
 
 * ``anchor_samples_per_s``: anchors per second from a local recording store through the
-  streaming loader (``data.loading=stream``: chunk-aligned block reads, shuffle buffer,
-  reader threads, prefetch thread), with the paper's neural augmentations; every step
-  takes B = 512 anchors (x1, x2, x_m) AND L = 1024 pool candidates.
-* ``s3_anchor_samples_per_s``: the same store behind a local S3 server (moto, 127.0.0.1).
+  trainer's data layer as ``data.loading: auto`` configures it for that store (a 1-hour
+  session fits the memory budget, so it is read once into memory), with the paper's
+  neural augmentations; every step takes B = 512 anchors (x1, x2, x_m) AND L = 1024 pool
+  candidates. ``stream_anchor_samples_per_s``: the same store forced through block
+  streaming (chunk-aligned reads, shuffle buffer, reader threads, prefetch thread).
+* ``s3_anchor_samples_per_s``: the same store streamed from a local S3 server (moto in
+  its own process on 127.0.0.1); ``s3_over_local`` compares it with local streaming.
 * ``baseline_samples_per_s``: the original MYOW generator's sampling re-implemented in
   ``benchmarks/original_generator.py`` (a random trial split every step and boolean trial
-  masks summed over all trials), on the same data held in memory, same B and L.
+  masks summed over all trials, the same augmentations of 3B + L rows), on the same data
+  in memory, same B and L, at its best torch thread setting.
+* ``by_session_length``: the same comparison on a Chewie-sized session (1,640 bins) and
+  a 6-hour one (216,000 bins): the baseline's cost per step grows with #trials x #bins.
 * ``large_store_gb`` / ``peak_rss_gb``: a synthetic store of >= 3 GB of counts (uint16)
   streamed for one full epoch of anchors (plus a pool per step) by a separate process,
-  whose peak resident memory is reported (``large_*`` fields: its throughput, disk size).
+  whose peak resident memory (VmHWM) is reported, with ``torch_import_rss_gb`` (what
+  ``import torch`` alone costs) for scale; ``large_*``: its throughput, disk size.
 * ``data_wait_ratio``: share of training time the trainer waited for data while training
   the reach config (Chewie-1 from ../shared/data when present, else a simulated session),
   from the ``data_wait_seconds`` / ``step_seconds`` the trainer logs every step.
 
-The throughput store is a synthetic 1-hour session (100 ms bins, 200 units, trials of
-~2 s separated by pauses). The Chewie-sized ratio is reported too, since the baseline's
-per-step cost grows with (#trials x #bins) and is smallest there.
+Throughput stores: synthetic sessions at 100 ms bins, 200 units, trials of 2 s separated
+by 0.4 s pauses. Throughputs are medians of ``--rounds`` interleaved rounds.
 
 Usage: python benchmarks/loader.py [--seconds 4] [--large-gb 3.2] [--skip-large] [--workdir DIR]
 """
@@ -37,6 +43,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -114,7 +121,15 @@ def baseline_samples_per_s(arrays: dict, seconds: float) -> float:
     train = split_rows(arrays["trial"])["train"]
     trial[train] = arrays["trial"][train]
     gen = OriginalGenerator(rates, trial, batch_size=B, pool_size=L, seed=0)
-    return samples_per_s(gen, seconds=seconds)
+    # its best thread setting: with other load on the cores, torch's 2-thread pool can
+    # collapse on its many small ops (seen here: 5-10x slower than with 1 thread)
+    threads = torch.get_num_threads()
+    rates = []
+    for n in sorted({1, threads}):
+        torch.set_num_threads(n)
+        rates.append(samples_per_s(gen, seconds=seconds / 2))
+    torch.set_num_threads(threads)
+    return max(rates)
 
 
 def s3_samples_per_s(store: str, seconds: float, extra: list[str] | None = None) -> float:
@@ -237,7 +252,8 @@ def data_wait_ratio(workdir: Path, steps: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seconds", type=float, default=4.0, help="seconds per throughput measurement")
+    p.add_argument("--seconds", type=float, default=3.0, help="seconds per throughput measurement")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the throughput measurements")
     p.add_argument("--large-gb", type=float, default=3.2, help="raw size of the large store's counts (GB)")
     p.add_argument("--skip-large", action="store_true", help="skip the large-store memory measurement")
     p.add_argument("--train-steps", type=int, default=300, help="training steps for data_wait_ratio")
@@ -262,18 +278,36 @@ def main() -> None:
     hour = session_arrays(36_000, 200)
     store = write_store(str(workdir / "session.zarr"), hour["counts"], hour["trial"], 0.1, {"target": hour["target"]})
     out["session"] = {"bins": 36_000, "units": 200, "trials": int(hour["trial"].max()) + 1, "bin_size_s": 0.1}
-    out["anchor_samples_per_s"], info = loader_samples_per_s(store, args.seconds)
-    out["memory_anchor_samples_per_s"] = loader_samples_per_s(store, args.seconds, loading="memory")[0]
-    out["baseline_samples_per_s"] = baseline_samples_per_s(hour, args.seconds)
-    out["speedup_vs_baseline"] = out["anchor_samples_per_s"] / out["baseline_samples_per_s"]
-    out["s3_anchor_samples_per_s"] = s3_samples_per_s(store, args.seconds)
-    out["s3_over_local"] = out["s3_anchor_samples_per_s"] / out["anchor_samples_per_s"]
+    # interleaved rounds, so that load from other processes hits every contender alike;
+    # medians are reported, with the per-round figures
+    rounds = {"auto": [], "stream": [], "baseline": [], "s3": []}
+    for _ in range(args.rounds):
+        rounds["auto"].append(loader_samples_per_s(store, args.seconds, loading="auto")[0])
+        rounds["stream"].append(loader_samples_per_s(store, args.seconds)[0])
+        rounds["baseline"].append(baseline_samples_per_s(hour, args.seconds))
+        rounds["s3"].append(s3_samples_per_s(store, args.seconds))
+    med = {k: statistics.median(v) for k, v in rounds.items()}
+    out["anchor_samples_per_s"] = med["auto"]  # what the trainer uses for this store (in memory)
+    out["stream_anchor_samples_per_s"] = med["stream"]  # the same store forced through block streaming
+    out["baseline_samples_per_s"] = med["baseline"]
+    out["s3_anchor_samples_per_s"] = med["s3"]
+    out["speedup_vs_baseline"] = med["auto"] / med["baseline"]
+    out["stream_speedup_vs_baseline"] = med["stream"] / med["baseline"]
+    out["s3_over_local"] = med["s3"] / med["stream"]  # both streamed
+    out["rounds"] = {k: [round(x) for x in v] for k, v in rounds.items()}
 
-    small = session_arrays(1640, 174, trial_bins=9, pause_bins=0, seed=1)  # Chewie-1's size
-    small_store = write_store(str(workdir / "small.zarr"), small["counts"], small["trial"], 0.1)
-    out["chewie_size"] = {"stream_samples_per_s": loader_samples_per_s(small_store, args.seconds)[0],
-                          "baseline_samples_per_s": baseline_samples_per_s(small, args.seconds)}
-    out["chewie_size"]["speedup"] = out["chewie_size"]["stream_samples_per_s"] / out["chewie_size"]["baseline_samples_per_s"]
+    # the baseline's cost per step grows with #trials x #bins: other session lengths
+    out["by_session_length"] = {}
+    for name, rows, units in (("chewie_size", 1640, 174), ("6h", 216_000, 200)):
+        arrays = session_arrays(rows, units, trial_bins=9 if rows < 2000 else 20,
+                                pause_bins=0 if rows < 2000 else 4, seed=1)
+        url = write_store(str(workdir / f"{name}.zarr"), arrays["counts"], arrays["trial"], 0.1)
+        auto = loader_samples_per_s(url, args.seconds, loading="auto")[0]
+        streamed = loader_samples_per_s(url, args.seconds)[0]
+        base = baseline_samples_per_s(arrays, max(args.seconds, 6.0))
+        out["by_session_length"][name] = {"bins": rows, "units": units, "auto_samples_per_s": auto,
+                                          "stream_samples_per_s": streamed, "baseline_samples_per_s": base,
+                                          "speedup": auto / base, "stream_speedup": streamed / base}
 
     if not args.skip_large:
         large = str(workdir / "large.zarr")

@@ -450,3 +450,35 @@ def test_a_directory_of_stores_trains_as_sessions_with_their_own_read_in(tmp_pat
     assert model_state["encoder.read_in.0.weight"].shape[1] == 16 and model_state["encoder.read_in.1.weight"].shape[1] == 10
     one = evaluate_run(run_dir, data=b, plots=False)
     assert one["reach_acc"] == pytest.approx(results["sessions"][1]["reach_acc"]) and "sessions" not in one
+
+
+def test_counts_reader_retries_transient_storage_errors_and_names_the_store_on_permanent_ones(chunked_store):
+    store, arrays = chunked_store
+    reader = open_store(store, attempts=4).reader
+    real = reader.array
+
+    class Flaky:
+        """The counts array behind a connection that drops twice, then works."""
+
+        shape, chunks, calls = real.shape, real.chunks, 0
+
+        def __getitem__(self, key):
+            Flaky.calls += 1
+            if Flaky.calls <= 2:
+                raise ConnectionResetError(104, "Connection reset by peer")
+            return real[key]
+
+    reader.array = Flaky()
+    got = reader.read_counts(10, 50)
+    assert Flaky.calls == 3 and np.array_equal(got, arrays["counts"][10:50])
+
+    class Denied(Flaky):
+        def __getitem__(self, key):
+            Denied.calls += 1
+            raise PermissionError("Access Denied")
+
+    Denied.calls = 0
+    reader.array = Denied()
+    with pytest.raises(UserError, match="reading counts rows 10:50 failed .PermissionError") as err:
+        reader.read_counts(10, 50)
+    assert Denied.calls == 1 and store in str(err.value)  # permanent: not retried
