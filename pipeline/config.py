@@ -27,13 +27,20 @@ import yaml
 from preprocess.errors import UsageError
 
 __all__ = ["Config", "ConfigError", "load_config", "build_config", "config_to_dict", "dump_config",
-           "METHODS", "OPTIMIZERS", "EMA_SCHEDULES", "DEVICES"]
+           "METHODS", "OPTIMIZERS", "EMA_SCHEDULES", "DEVICES", "DATA_KINDS", "ENCODERS", "IMAGE_ENCODERS",
+           "TRANSFORMS"]
 
 METHODS = ("myow", "byol", "supervised")
 OPTIMIZERS = ("adamw", "sgd")
 EMA_SCHEDULES = ("cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
-ENCODERS = ("mlp",)  # neural data; image encoders arrive with the image pipeline
+DATA_KINDS = ("auto", "neural", "images")
+IMAGE_ENCODERS = ("convnet", "resnet18", "resnet50")  # model/encoders.py; "mlp" is for neural data
+ENCODERS = ("mlp", *IMAGE_ENCODERS)
+# the view transform sets of pipeline.images.TRANSFORM_SETS (kept in step by a test; listed
+# here so that reading a config never imports torch)
+TRANSFORMS = ("cifar", "imagenet", "mnist", "mnist-all")
+IMAGE_SELECTIONS = ("train", "val", "test")
 ARCHITECTURES = ("cascaded", "parallel", "single")
 MINING_VIEWS = ("separate", "anchor")
 LOADINGS = ("auto", "memory", "stream")
@@ -49,8 +56,12 @@ class ConfigError(UsageError):
 @dataclass
 class DataConfig:
     # recording store URL (path, file://, s3://, memory://), a list of store URLs, or a
-    # directory/prefix of stores: several stores = a multi-session dataset (see pipeline.data)
+    # directory/prefix of stores: several stores = a multi-session dataset (see pipeline.data);
+    # or an image shard set written by preprocess.shard_images (see the images section)
     path: str | list[str] | None = None
+    # auto: index.json at data.path (or in its train/val/test sub-folders) = images; a
+    # recording store (zarr.json), a list or a directory of stores = neural
+    kind: str = "auto"
     storage_options: dict = field(default_factory=dict)  # fsspec options for path
     # train/val/test fractions: by trial order (recording order of first bin), or by time
     # blocks when the store has no trials. The test split is never used for tuning.
@@ -95,10 +106,12 @@ class AugmentConfig:
 
 @dataclass
 class ModelConfig:
+    # mlp (neural data) | convnet (small, CPU-friendly) | resnet18 | resnet50 (CIFAR variant,
+    # paper App. C; channels_last on CUDA); image encoders take their input channels from the data
     encoder: str = "mlp"
-    hidden_dim: int = 64
-    num_blocks: int = 4  # Linear-BN-ReLU blocks, then Linear(out_dim) (paper App. D)
-    out_dim: int = 32  # representation size D
+    hidden_dim: int = 64  # mlp only
+    num_blocks: int = 4  # mlp only: Linear-BN-ReLU blocks, then Linear(out_dim) (paper App. D)
+    out_dim: int = 32  # representation size D of mlp / convnet (resnet18: 512, resnet50: 2048)
     predictor_hidden: int = 128  # q = MLP(Z, predictor_hidden, Z)
     mined_predictor_hidden: int | None = None  # r; null = predictor_hidden
     projector: list[int] | None = None  # [hidden, out] of g, or null (no projector, paper neural setting)
@@ -161,10 +174,48 @@ class MetricsConfig:
 
 
 @dataclass
+class ImagesConfig:
+    """Image shard sets (``data.kind: images``; read by :mod:`pipeline.images`).
+
+    What is trained on and what is evaluated on: a *selection* is a split sub-folder of
+    ``data.path`` (``train``/``val``/``test``, as preprocess.shard_images writes them, or
+    null = data.path itself) and an optional ``[lo, hi)`` range of its sample indices.
+    ``auto``: train on ``train`` (else data.path itself, else its only split), evaluate on
+    ``test`` (else ``val``); when both are the same set (e.g. the MNIST t10k shards alone)
+    and no ranges are given, its last ``eval_fraction`` of samples is the eval selection
+    and the rest the training one (10000 -> 8000 / 2000). The two never overlap. The
+    linear probe's hyper-parameters are chosen on a split of the TRAINING selection only.
+
+    Loading is configured by the shared data.* keys: ``data.loading`` / ``data.memory_budget_mb``
+    (decoded uint8 images in memory when they fit, else streamed from the shards),
+    ``data.read_threads``, ``data.read_retries``, ``data.prefetch_batches``,
+    ``data.storage_options``. The neural keys (split, jitter, min_speed, augment.*) are unused.
+    """
+
+    transform: str = "cifar"  # view transforms T / T_m: cifar | imagenet | mnist (crop only) | mnist-all
+    image_size: int | None = None  # side S of the views; null = the images' own side
+    # per-channel normalisation: preset (the transform set's constants) | fit (from the
+    # training images) | [[mean, ...], [std, ...]]
+    normalize: str | list[list[float]] = "preset"
+    train_split: str | None = "auto"  # auto | train | val | test | null (data.path itself)
+    eval_split: str | None = "auto"
+    # [lo, hi) sample indices of the split (Python slice rules: negative = from the end,
+    # null = open end), e.g. [0, 8000] and [8000, null]; null = all (or the rest, see above)
+    train_range: list[int | None] | None = None
+    eval_range: list[int | None] | None = None
+    eval_fraction: float = 0.2  # held out when train and eval are one set without ranges
+    shuffle_buffer: int | None = None  # streamed: decoded images drawn from; null = auto (<= 10000)
+    augment_threads: int = 1  # intra-op threads of each stream's augmenting thread; 0 = torch's default
+
+
+@dataclass
 class EvalConfig:
     tasks: str | list[str] = "auto"  # auto = every task the data has; or e.g. [reach, target]
     reach_min_speed: float = 5.0  # reach read-out only on bins with hand speed > this (cm/s)
     tsne: bool = True  # t-SNE plot at the end of training / in pipeline.evaluate
+    knn_k: int = 200  # images: weighted kNN monitor, k neighbours ...
+    knn_temperature: float = 0.1  # ... weighted by exp(cosine / temperature)
+    mining_anchors: int = 1000  # images: eval anchors mined against a training pool for the figures
 
 
 @dataclass
@@ -178,6 +229,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    images: ImagesConfig = field(default_factory=ImagesConfig)
 
     @property
     def effective_mining_weight(self) -> float:
@@ -199,6 +251,7 @@ class Config:
         need(d.min_time_gap_s is None or d.min_time_gap_s >= 0, "data.min_time_gap_s", "must be >= 0 or null")
         need(d.jitter_max_bins >= 0, "data.jitter_max_bins", "must be >= 0")
         need(d.loading in LOADINGS, "data.loading", f"must be one of {', '.join(LOADINGS)}")
+        need(d.kind in DATA_KINDS, "data.kind", f"must be one of {', '.join(DATA_KINDS)}")
         need(d.memory_budget_mb >= 0, "data.memory_budget_mb", "must be >= 0")
         for key in ("block_rows", "read_retries"):
             need(getattr(d, key) >= 0, f"data.{key}", "must be >= 0")
@@ -242,7 +295,41 @@ class Config:
         need(r.threads >= 0, "run.threads", "must be >= 0")
         need(0 <= self.metrics.port <= 65535, "metrics.port", "must be 0 (off) or a TCP port")
         need(self.eval.reach_min_speed >= 0, "eval.reach_min_speed", "must be >= 0")
+        need(self.eval.knn_k >= 1, "eval.knn_k", "must be >= 1")
+        need(self.eval.knn_temperature > 0, "eval.knn_temperature", "must be > 0")
+        need(self.eval.mining_anchors >= 1, "eval.mining_anchors", "must be >= 1")
+        self._validate_images(need)
+        if d.kind == "images":
+            need(m.encoder in IMAGE_ENCODERS, "model.encoder",
+                 f"images need an image encoder ({', '.join(IMAGE_ENCODERS)}), got {m.encoder!r}")
+            need(me.name != "supervised", "method.name", "supervised is the neural-data baseline; use myow or byol")
+        elif d.kind == "neural":
+            need(m.encoder == "mlp", "model.encoder", f"neural data needs the mlp encoder, got {m.encoder!r}")
         return self
+
+    def _validate_images(self, need) -> None:
+        im = self.images
+        need(im.transform in TRANSFORMS, "images.transform",
+             f"must be one of {', '.join(TRANSFORMS)}, got {im.transform!r}")
+        need(im.image_size is None or im.image_size >= 1, "images.image_size", "must be >= 1 or null")
+        if isinstance(im.normalize, str):
+            need(im.normalize in ("preset", "fit"), "images.normalize",
+                 f"must be preset, fit or [[mean, ...], [std, ...]], got {im.normalize!r}")
+        else:
+            ok = len(im.normalize) == 2 and len(im.normalize[0]) == len(im.normalize[1]) >= 1
+            need(ok, "images.normalize", f"must be [[mean, ...], [std, ...]] with one value per channel, "
+                                         f"got {im.normalize}")
+            need(all(v > 0 for v in im.normalize[1]), "images.normalize", "every std must be > 0")
+        for key in ("train_split", "eval_split"):
+            value = getattr(im, key)
+            need(value is None or value == "auto" or value in IMAGE_SELECTIONS, f"images.{key}",
+                 f"must be auto, {', '.join(IMAGE_SELECTIONS)} or null (data.path itself), got {value!r}")
+        for key in ("train_range", "eval_range"):
+            value = getattr(im, key)
+            need(value is None or len(value) == 2, f"images.{key}", f"must be [lo, hi] or null, got {value}")
+        need(0.0 < im.eval_fraction < 1.0, "images.eval_fraction", "must be in (0, 1)")
+        need(im.shuffle_buffer is None or im.shuffle_buffer >= 1, "images.shuffle_buffer", "must be >= 1 or null")
+        need(im.augment_threads >= 0, "images.augment_threads", "must be >= 0")
 
 
 # --------------------------------------------------------------------------- building

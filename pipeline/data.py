@@ -50,7 +50,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Recording", "load_recording", "open_store", "hand_speed", "split_rows", "Normalization", "Augmenter",
            "Samples", "training_samples", "jitter_table", "draw_positives", "AnchorSampler", "PoolSampler",
-           "SessionData", "TrainData", "normalization_state", "normalizations_from", "build_train_data", "session_urls", "derive_seed", "training_mask", "SPLITS"]
+           "SessionData", "TrainData", "normalization_state", "normalizations_from", "build_train_data", "session_urls", "derive_seed", "training_mask", "SPLITS",
+           "data_kind"]
 
 
 # --------------------------------------------------------------------------- normalisation / augmentation
@@ -356,10 +357,31 @@ class TrainData:
     sessions: list[SessionData]
     seed: int = 0
 
+    #: what the data is ("neural" here; :class:`pipeline.images.ImageTrainData` is "images").
+    #: The trainer only talks to a TrainData through the members below, so both kinds share
+    #: one loop, one ``train_step`` and one checkpoint format.
+    kind = "neural"
+
     def __getattr__(self, name: str):
         if name == "sessions":
             raise AttributeError(name)
         return getattr(self.sessions[0], name)
+
+    def model_input(self) -> int | list[int]:
+        """What :func:`pipeline.build.build_model` sizes the encoder's input from: the units
+        of the store, or every session's unit count."""
+        units = [s.recording.n_units for s in self.sessions]
+        return units if self.multi else units[0]
+
+    def normalization_state(self) -> dict | list[dict]:
+        """The normalisation a checkpoint stores (evaluation and resume reuse it)."""
+        return normalization_state([s.normalization for s in self.sessions])
+
+    def evaluate(self, model, cfg: Config, *, device, run_dir, plots: bool = False) -> dict:
+        """Read-outs of every session (:func:`pipeline.evaluate.evaluate_sessions`)."""
+        from .evaluate import evaluate_sessions
+
+        return evaluate_sessions(model, self.sessions, cfg, device=device, run_dir=run_dir, plots=plots)
 
     @property
     def multi(self) -> bool:
@@ -441,6 +463,26 @@ def session_urls(path: str | list[str], storage_options: dict | None = None) -> 
     return [join_url(base, c.rstrip("/").rsplit("/", 1)[-1]) for c in children]
 
 
+def data_kind(cfg: Config) -> str:
+    """``data.kind``, with ``auto`` resolved: "images" when data.path holds an image shard set
+    (index.json, or train/val/test sub-folders with one), else "neural" (a recording store,
+    a list or a directory of stores; a missing path is left to the store reader to report)."""
+    kind = cfg.data.kind
+    if kind != "auto":
+        return kind
+    path = cfg.data.path
+    if not path or isinstance(path, list):
+        return "neural"
+    try:
+        fs, root = filesystem(path, cfg.data.storage_options)
+        if fs.exists(join_url(root, "zarr.json")):
+            return "neural"
+        markers = [join_url(root, "index.json")] + [join_url(root, s, "index.json") for s in ("train", "val", "test")]
+        return "images" if any(fs.exists(m) for m in markers) else "neural"
+    except Exception:  # noqa: BLE001 - unreachable storage: the store reader says what is wrong
+        return "neural"
+
+
 def _use_memory(cfg: Config, rec: Recording, budget_bytes: float) -> bool:
     mode = cfg.data.loading
     if mode == "auto":
@@ -449,14 +491,32 @@ def _use_memory(cfg: Config, rec: Recording, budget_bytes: float) -> bool:
 
 
 def build_train_data(cfg: Config, recording: Recording | None = None,
-                     normalization: Normalization | list[Normalization] | None = None,
+                     normalization: Normalization | list[Normalization] | dict | list[dict] | None = None,
                      rank: int = 0, world_size: int = 1, progress: bool = False) -> TrainData:
     """Open the stores of ``cfg.data`` (or use ``recording``), split them, fit each
     session's normalisation on its SSL training samples (unless given, e.g. from a
     checkpoint) and build both streams per session, in memory or streamed
     (``data.loading``; ``auto`` keeps sessions in memory while they fit
-    ``data.memory_budget_mb`` together), for ``rank`` of ``world_size``."""
+    ``data.memory_budget_mb`` together), for ``rank`` of ``world_size``.
+
+    Image shard sets (:func:`data_kind` "images") are handed to
+    :func:`pipeline.images.build_image_train_data`, which returns the same interface.
+    ``normalization`` may be a checkpoint's stored state (``checkpoint["normalization"]``).
+    """
     d = cfg.data
+    if recording is None and data_kind(cfg) == "images":
+        from .images import build_image_train_data
+
+        return build_image_train_data(cfg, normalization, rank=rank, world_size=world_size)
+    if isinstance(normalization, dict) or (isinstance(normalization, list) and normalization
+                                           and isinstance(normalization[0], dict)):
+        if isinstance(normalization, dict) and normalization.get("kind") == "images":
+            raise UserError("the checkpoint was written by a run on image shards, data.path is a recording store; "
+                            "resume with the same data, or use another run.dir to start over")
+        normalization = normalizations_from(normalization)
+    if cfg.model.encoder != "mlp":
+        raise UserError(f"data.path is neural data (recording stores): model.encoder must be mlp, not "
+                        f"{cfg.model.encoder!r} (image encoders need image shards)")
     if recording is not None:
         recordings = [recording]
     else:

@@ -16,6 +16,12 @@ Tasks (splits by trial order / time blocks as in training, DESIGN section 8):
 - every label with at least 2 classes (``target`` on moving bins for reach data):
   multinomial logistic regression, C chosen on validation -> ``<name>_accuracy``,
   ``<name>_macro_f1``; the bare ``accuracy`` / ``macro_f1`` are those of the main label.
+
+Runs on image shards (checkpoint ``data_kind: images``) are evaluated by
+:func:`pipeline.images.evaluate_image_run`: ``linear_accuracy`` (logistic-regression probe,
+training selection -> eval selection, L2 chosen on a split of the training selection),
+``knn_accuracy`` (weighted kNN), and the PNGs ``mined_views.png`` (paper Figure 2) and
+``mining_confusion.png`` (Figure S6).
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ MAX_CLASSES = 64  # labels with more classes are not classification tasks (e.g. 
 TSNE_MAX_ROWS = 2000
 
 __all__ = ["circular_error", "angle_accuracy", "reach_readout", "classification_readout", "embed",
-           "evaluate_embedding", "save_plots", "evaluate_run", "main"]
+           "evaluate_embedding", "save_plots", "save_agreement_plot", "evaluate_sessions", "evaluate_run", "main"]
 
 
 # --------------------------------------------------------------------------- metrics
@@ -316,29 +322,45 @@ def save_plots(run_dir: str | os.PathLike, embedding: np.ndarray, rec: Recording
         plt.close(fig)
         written.append(path)
 
+    chance = None
+    if main is not None:  # agreement of a random pick: sum_c p_c^2 over the train split
+        lab = rec.labels[main][split_rows(rec.trial, split)["train"]]
+        lab = lab[lab >= 0]
+        if len(lab):
+            p = np.bincount(lab) / len(lab)
+            chance = float((p ** 2).sum())
+    written.append(save_agreement_plot(run_dir, chance, main, suffix))
+    return written
+
+
+def save_agreement_plot(run_dir: str | os.PathLike, chance: float | None = None, label: str | None = None,
+                        suffix: str = "") -> Path:
+    """``mined_label_agreement{suffix}.png``: the share of mined views with their anchor's
+    label over training steps (from metrics.jsonl), and the share a random pick would get
+    (``chance``, e.g. sum_c p_c^2 of the training labels). Returns the path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
     rows = [r for r in _read_metrics(run_dir / "metrics.jsonl") if r.get("mined_label_agreement_ratio") is not None]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     if rows:
         ax.plot([r["step"] for r in rows], [r["mined_label_agreement_ratio"] for r in rows], lw=1)
-        if main is not None:  # agreement of a random pick: sum_c p_c^2 over the train split
-            lab = rec.labels[main][split_rows(rec.trial, split)["train"]]
-            lab = lab[lab >= 0]
-            if len(lab):
-                p = np.bincount(lab) / len(lab)
-                ax.axhline(float((p ** 2).sum()), color="grey", ls="--", lw=1, label="random pick")
-                ax.legend(loc="lower right")
+        if chance is not None:
+            ax.axhline(chance, color="grey", ls="--", lw=1, label="random pick")
+            ax.legend(loc="lower right")
     else:
         ax.text(0.5, 0.5, "no mined views logged (BYOL, or no labels)", ha="center", va="center",
                 transform=ax.transAxes)
     ax.set_xlabel("step")
-    ax.set_ylabel(f"mined label agreement{f' ({main})' if main else ''}")
+    ax.set_ylabel(f"mined label agreement{f' ({label})' if label else ''}")
     ax.set_ylim(0, 1)
     fig.tight_layout()
     path = run_dir / f"mined_label_agreement{suffix}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    written.append(path)
-    return written
+    return path
 
 
 def combine_sessions(results: list[dict], urls: list[str]) -> dict:
@@ -351,6 +373,23 @@ def combine_sessions(results: list[dict], urls: list[str]) -> dict:
     out = {k: float(np.mean([r[k] for r in results])) for k in shared}
     out["sessions"] = [{"url": u, **r} for u, r in zip(urls, results)]
     return out
+
+
+def evaluate_sessions(model, sessions, cfg: Config, *, device="cpu", run_dir=None, plots: bool = False) -> dict:
+    """Every session of a neural run (``TrainData.sessions``): embed its store with the
+    frozen online encoder, read out every task, and (``plots``) write the t-SNE and
+    mining-agreement PNGs into ``run_dir``; several sessions -> :func:`combine_sessions`."""
+    per_session = []
+    multi = len(sessions) > 1
+    for i, s in enumerate(sessions):
+        set_session(model, i)
+        emb = embed(model.encoder, s.recording, s.normalization, device)
+        per_session.append(evaluate_embedding(emb, s.recording, cfg.data.split, cfg.eval.tasks,
+                                              cfg.eval.reach_min_speed))
+        if plots:
+            save_plots(run_dir, emb, s.recording, cfg.data.split, cfg.eval.reach_min_speed, cfg.eval.tsne,
+                       cfg.run.seed, suffix=f"-session{i}" if multi else "")
+    return combine_sessions(per_session, [s.recording.url for s in sessions])
 
 
 # --------------------------------------------------------------------------- run-level
@@ -382,8 +421,14 @@ def export_embeddings(path: str | os.PathLike, embedding: np.ndarray, rec: Recor
 
 def evaluate_run(run_dir: str | os.PathLike, data: str | None = None, export: str | None = None,
                  plots: bool = True) -> dict:
-    """Evaluate a run's final checkpoint on its store (or ``data``); returns the metrics dict."""
+    """Evaluate a run's final checkpoint on its store (or ``data``); returns the metrics dict.
+
+    Runs on image shards are evaluated by :func:`pipeline.images.evaluate_image_run`."""
     cfg, ckpt = load_run(run_dir)
+    if ckpt.get("data_kind") == "images":
+        from .images import evaluate_image_run
+
+        return evaluate_image_run(run_dir, cfg, ckpt, data=data, export=export, plots=plots)
     norms = normalizations_from(ckpt["normalization"])
     norms = norms if isinstance(norms, list) else [norms]
     so = cfg.data.storage_options
@@ -427,11 +472,15 @@ def evaluate_run(run_dir: str | os.PathLike, data: str | None = None, export: st
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description="Evaluate a trained run: frozen encoder -> linear read-outs "
-                      "(reach direction, labels) -> one JSON object on stdout; t-SNE and mining plots in the run dir.")
+                      "(reach direction, labels; images: linear probe and weighted kNN accuracy) -> one JSON "
+                      "object on stdout; plots in the run dir (t-SNE and mining agreement; images: mined views "
+                      "and the mining class confusion).")
     p.add_argument("--run", required=True, metavar="RUN_DIR", help="run directory (holds checkpoint.pt)")
-    p.add_argument("--data", metavar="URL", help="recording store to evaluate on (default: the run's data.path)")
+    p.add_argument("--data", metavar="URL", help="recording store (or image shard set) to evaluate on "
+                                                 "(default: the run's data.path)")
     p.add_argument("--export-embeddings", metavar="OUT.npz",
-                   help="write embedding (T, D) float32, one row per store row, + bin_start_s, trial")
+                   help="write embedding (T, D) float32, one row per store row, + bin_start_s, trial "
+                        "(images: one row per image of the eval selection, + sample, label)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p

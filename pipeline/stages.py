@@ -27,7 +27,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["derive_seed", "epoch_order", "shard_for_rank", "ordered_map", "retry", "ShuffleBuffer", "Prefetcher"]
+__all__ = ["derive_seed", "epoch_order", "shard_for_rank", "EpochCursor", "ordered_map", "retry", "ShuffleBuffer", "Prefetcher"]
 
 
 def derive_seed(seed: int, *stream: int) -> int:
@@ -46,6 +46,48 @@ def shard_for_rank(items: Sequence, rank: int, world_size: int) -> Sequence:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
     return items[rank::world_size]
+
+
+class EpochCursor:
+    """The sample positions one rank visits, batch after batch, epoch after epoch.
+
+    Epoch e visits ``epoch_order(n, order_seed, e)`` (the same on every rank), rank r takes
+    positions r, r + world_size, ... trimmed to ``n_rank = n // world_size`` (equal on every
+    rank), cut into ``steps_per_epoch = max(1, n_rank // batch_size)`` batches of
+    ``min(batch_size, n_rank)`` (a last partial batch is dropped). The state is two ints.
+    """
+
+    def __init__(self, n: int, batch_size: int, order_seed: int, rank: int = 0, world_size: int = 1):
+        if n < world_size:
+            raise ValueError(f"{n} samples cannot be shared by {world_size} ranks")
+        self.n, self.order_seed, self.rank, self.world_size = n, order_seed, rank, world_size
+        self.n_rank = n // world_size
+        self.batch_size = min(int(batch_size), self.n_rank)
+        self.steps_per_epoch = max(1, self.n_rank // int(batch_size))
+        self.epoch, self.cursor = 0, 0
+        self._order: tuple[int, torch.Tensor] | None = None
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """(n_rank,) int64 positions this rank visits in ``epoch``."""
+        if self._order is None or self._order[0] != epoch:
+            perm = shard_for_rank(epoch_order(self.n, self.order_seed, epoch), self.rank, self.world_size)
+            self._order = (epoch, torch.from_numpy(np.ascontiguousarray(perm[:self.n_rank])))
+        return self._order[1]
+
+    def next(self) -> torch.Tensor:
+        """(batch_size,) positions of the next batch."""
+        if self.cursor >= self.steps_per_epoch:
+            self.epoch, self.cursor = self.epoch + 1, 0
+        B = self.batch_size
+        batch = self.order(self.epoch)[self.cursor * B:(self.cursor + 1) * B]
+        self.cursor += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
 
 
 def ordered_map(fn: Callable[[Any], Any], items: Iterable, threads: int = 4, read_ahead: int = 4) -> Iterator:

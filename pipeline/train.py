@@ -1,8 +1,16 @@
 """``python -m pipeline.train [--config FILE.yaml] [--set key=value ...]``
 
 Self-supervised training of MYOW (or BYOL: ``--set method.name=byol``, the same code
-with the mining weight at 0) on a recording store, then evaluation. With no arguments it
-runs the embedded demo (see :mod:`pipeline.demo`).
+with the mining weight at 0) on a recording store or on image shards (``data.kind``,
+detected from ``data.path``), then evaluation. With no arguments it runs the embedded
+demo (see :mod:`pipeline.demo`).
+
+The data is a :class:`~pipeline.data.TrainData` (neural) or a
+:class:`~pipeline.images.ImageTrainData` (images): the loop only uses their shared members
+(``sessions`` with ``anchors``/``pool`` streams and ``min_time_gap_s``, ``steps_per_epoch``,
+``session_at``, ``model_input()``, ``normalization_state()``, ``evaluate(...)``,
+``state_dict``/``load_state_dict``, ``pin_memory``, ``close``), so both kinds go through
+the same loop, the same :func:`train_step` and the same checkpoints.
 
 One optimizer step (:func:`train_step`, paper Algorithm 1)::
 
@@ -48,13 +56,13 @@ from tqdm import tqdm
 from model import MYOW, cosine_ema_momentum, exclusion_mask, mine_views, mining_weight, set_session, warmup_cosine_lr
 from preprocess.errors import UserError, run_cli, setup_logging
 
-from .build import build_model, build_optimizer
+from .build import build_model, build_optimizer, uses_channels_last
 from .checkpoint import CHECKPOINT_NAME, atomic_write_text, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .cli import OneLineParser, to_json
 from .config import Config, config_to_dict, dump_config, load_config
 from .distributed import (DistEnv, all_gather_pool, all_reduce_mean, barrier, broadcast_object, configure_rank_logging,
                           gather_object, init_distributed, shutdown, wrap_ddp)
-from .data import TrainData, build_train_data, derive_seed, normalization_state, normalizations_from
+from .data import TrainData, build_train_data, data_kind, derive_seed
 from .metrics import make_metrics
 
 log = logging.getLogger("pipeline.train")
@@ -214,15 +222,22 @@ def train_step(model: MYOW | nn.Module, optimizer: torch.optim.Optimizer,
 # --------------------------------------------------------------------------- helpers
 
 
-def set_threads(threads: int) -> int:
+def set_threads(threads: int, images: bool = False) -> int:
     """torch intra-op threads: ``threads``, or auto = the CPU cores available (<= 4: the
-    MLPs are small, more threads only add synchronisation). Returns the number set."""
+    MLPs are small, more threads only add synchronisation). Returns the number set.
+
+    ``images`` (image data on a CPU): auto = every core but one, which is left to the
+    streams' augmenting threads. An OpenMP team that shares its cores with other busy
+    threads waits at every barrier for a descheduled member: on 2 cores, 2 trainer threads
+    next to the augmenting threads made the MNIST convnet step 4x slower (2.8 s) than 1
+    thread (0.7 s).
+    """
     if threads <= 0:
         try:
             cores = len(os.sched_getaffinity(0))
         except AttributeError:
             cores = os.cpu_count() or 1
-        threads = max(1, min(4, cores))
+        threads = max(1, cores - 1) if images else max(1, min(4, cores))
     torch.set_num_threads(threads)
     return threads
 
@@ -243,14 +258,18 @@ def default_run_dir(cfg: Config) -> Path:
     return path
 
 
-def _to(batch, device: torch.device):
+def _to(batch, device: torch.device, channels_last: bool = False):
+    """Batch tensors to ``device`` (asynchronously from pinned memory); image batches in
+    channels_last memory format when the model is (ResNets on CUDA)."""
     if device.type == "cpu" or batch is None:
         return batch
     if isinstance(batch, torch.Tensor):
+        if channels_last and batch.dim() == 4:
+            return batch.to(device, non_blocking=True, memory_format=torch.channels_last)
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
-        return {k: _to(v, device) for k, v in batch.items()}
-    return type(batch)(_to(v, device) for v in batch)
+        return {k: _to(v, device, channels_last) for k, v in batch.items()}
+    return type(batch)(_to(v, device, channels_last) for v in batch)
 
 
 def _trim_metrics(path: Path, last_step: int) -> None:
@@ -272,8 +291,10 @@ def _trim_metrics(path: Path, last_step: int) -> None:
 # Config keys that must match to resume a checkpoint: they change the data, the model or
 # the meaning of a step. Everything else (train.max_steps, logging, metrics, threads, ...)
 # may change between runs of the same run.dir.
-RESUME_KEYS = ("data.path", "data.split", "data.min_speed", "data.jitter_max_bins", "model", "method",
-               "optim.name", "optim.batch_size", "run.seed")
+RESUME_KEYS = ("data.path", "data.kind", "data.split", "data.min_speed", "data.jitter_max_bins", "images.transform",
+               "images.image_size", "images.normalize", "images.train_split", "images.eval_split",
+               "images.train_range", "images.eval_range", "images.eval_fraction", "images.shuffle_buffer", "model",
+               "method", "optim.name", "optim.batch_size", "run.seed")
 
 
 def check_resumable(checkpoint: dict, cfg: Config, world_size: int, ckpt_path: Path) -> None:
@@ -285,6 +306,8 @@ def check_resumable(checkpoint: dict, cfg: Config, world_size: int, ckpt_path: P
     old, new = checkpoint["config"], config_to_dict(cfg)
     for key in RESUME_KEYS:
         section, _, field = key.partition(".")
+        if section not in old or (field and field not in old[section]):
+            continue  # written before the key existed: nothing to compare
         a = old.get(section, {}) if not field else old.get(section, {}).get(field)
         b = new[section] if not field else new[section][field]
         if a != b:
@@ -334,8 +357,6 @@ def train(cfg: Config, data: TrainData | None = None, env: DistEnv | None = None
     Returns (run directory, evaluation metrics); ranks other than 0 return an empty dict,
     and a run stopped by SIGTERM/SIGINT returns {"stopped_at_step": n} after checkpointing.
     """
-    from .evaluate import combine_sessions, embed, evaluate_embedding, save_plots
-
     env = env or init_distributed(cfg.run.device)
     threads = set_threads(cfg.run.threads)
     # Subnormal floats (tiny EMA/Adam updates late in training) are ~100x slower on x86 CPUs;
@@ -347,19 +368,27 @@ def train(cfg: Config, data: TrainData | None = None, env: DistEnv | None = None
     resume = load_checkpoint(ckpt_path) if cfg.run.resume and ckpt_path.exists() else None
     if resume:
         check_resumable(resume, cfg, env.world_size, ckpt_path)
-    normalization = normalizations_from(resume["normalization"]) if resume else None
 
-    data = data or build_train_data(cfg, normalization=normalization, rank=env.rank, world_size=env.world_size,
-                                    progress=cfg.run.progress and env.is_main)  # before the run dir:
-    if env.is_main:  # a bad store leaves nothing behind
+    # the stored normalisation (a checkpoint's state) is reused as is: before the run dir,
+    # so a bad store or shard set leaves nothing behind
+    data = data or build_train_data(cfg, normalization=resume["normalization"] if resume else None, rank=env.rank,
+                                    world_size=env.world_size, progress=cfg.run.progress and env.is_main)
+    if resume and resume.get("data_kind", "neural") != data.kind:
+        raise UserError(f"{ckpt_path}: written by a run on {resume.get('data_kind', 'neural')} data, data.path is "
+                        f"{data.kind} data; resume with the same data, or use another run.dir to start over")
+    if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+    if data.kind == "images" and device.type == "cpu":  # leave a core to the augmenting threads
+        threads = set_threads(cfg.run.threads, images=True)
     if device.type == "cuda":
         data.pin_memory()
     plan = Plan.build(cfg, data.steps_per_epoch, data.min_time_gap_s)
     plans = [dataclasses.replace(plan, min_time_gap_s=s.min_time_gap_s) for s in data.sessions]
     seed_everything(cfg.run.seed)  # model initialisation: the same on every rank
-    units = [s.recording.n_units for s in data.sessions]
-    model = build_model(cfg, units if data.multi else units[0]).to(device)
+    model = build_model(cfg, data.model_input()).to(device)
+    channels_last = uses_channels_last(cfg, device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, model.online_parameters())
     mining_gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, 3, env.rank))
     start = 0
@@ -392,22 +421,13 @@ def train(cfg: Config, data: TrainData | None = None, env: DistEnv | None = None
             save_checkpoint(ckpt_path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                 "epoch": step // plan.steps_per_epoch, "config": config_to_dict(cfg),
-                "normalization": normalization_state([s.normalization for s in data.sessions]),
+                "normalization": data.normalization_state(), "data_kind": data.kind,
                 "data": data_states, "rng": rng_states, "world_size": env.world_size})
         barrier(env)
         metrics.observe_checkpoint(time.perf_counter() - t0)
 
     def evaluate(step: int, plots: bool = False) -> dict:
-        per_session = []
-        for i, s in enumerate(data.sessions):
-            set_session(model, i)
-            emb = embed(model.encoder, s.recording, s.normalization, device)
-            per_session.append(evaluate_embedding(emb, s.recording, cfg.data.split, cfg.eval.tasks,
-                                                  cfg.eval.reach_min_speed))
-            if plots:
-                save_plots(run_dir, emb, s.recording, cfg.data.split, cfg.eval.reach_min_speed, cfg.eval.tsne,
-                           cfg.run.seed, suffix=f"-session{i}" if data.multi else "")
-        results = combine_sessions(per_session, [s.recording.url for s in data.sessions])
+        results = data.evaluate(model, cfg, device=device, run_dir=run_dir, plots=plots)
         results["step"] = step
         with open(run_dir / "evaluations.jsonl", "a") as f:
             f.write(to_json(results) + "\n")
@@ -428,7 +448,7 @@ def train(cfg: Config, data: TrainData | None = None, env: DistEnv | None = None
                 stream = data.sessions[session]
                 anchors = next(stream.anchors)
                 pool = next(stream.pool) if schedules(step, cfg, plan)[2] > 0 else None  # none while lambda == 0
-                anchors, pool = _to(anchors, device), _to(pool, device)
+                anchors, pool = _to(anchors, device, channels_last), _to(pool, device, channels_last)
                 t1 = time.perf_counter()
                 set_session(model, session)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.run.amp):
@@ -485,13 +505,19 @@ def _per_rank(state, env: DistEnv):
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog=PROG,
-        description="Train MYOW (or BYOL) on a recording store, then evaluate it. "
+        description="Train MYOW (or BYOL) on a recording store or on image shards (written by "
+                    "python -m preprocess.shard_images; data.kind auto-detects which), then evaluate it. "
                     "With no arguments: the embedded demo (simulated reach session, ~1 minute on a CPU).",
         epilog="Examples:\n"
                "  python -m pipeline.train --config configs/reach_myow.yaml --set data.path=chewie.zarr\n"
                "  python -m pipeline.train --config configs/reach_myow.yaml --set method.name=byol --set run.seed=1\n"
                "  python -m pipeline.train --demo --set train.max_steps=100\n"
-               "Keys: data.*, augment.*, model.*, method.*, optim.*, train.*, run.*, metrics.*, eval.* "
+               "Images (configs/mnist_myow.yaml, mnist_byol.yaml: small convnet, minutes on a CPU; "
+               "configs/cifar10_myow.yaml, cifar10_byol.yaml: the paper's ResNet-18 setting, for a GPU):\n"
+               "  python -m preprocess.shard_images ../shared/data/mnist-t10k --out mnist-shards\n"
+               "  python -m pipeline.train --config configs/mnist_myow.yaml --set data.path=mnist-shards\n"
+               "  python -m pipeline.train --config configs/cifar10_myow.yaml --set data.path=cifar10-shards\n"
+               "Keys: data.*, augment.*, model.*, method.*, optim.*, train.*, run.*, metrics.*, eval.*, images.* "
                "(see configs/*.yaml and pipeline/config.py).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="FILE.yaml", help="YAML config (sections data, model, method, optim, ...)")
@@ -513,6 +539,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_demo(args.set, args.config)
     cfg = load_config(args.config, args.set)
     if cfg.method.name == "supervised":
+        if data_kind(cfg) == "images":
+            raise UserError("method.name supervised is the neural-data baseline; image runs take myow or byol")
         from .supervised import train_supervised
 
         run_dir, results = train_supervised(cfg)

@@ -39,6 +39,21 @@ def test_shard_for_rank_is_disjoint_and_covering():
         shard_for_rank(items, 4, 4)
 
 
+def test_epoch_cursor_shards_epochs_by_rank_and_resumes():
+    from pipeline.stages import EpochCursor
+
+    cursors = [EpochCursor(23, 4, order_seed=9, rank=r, world_size=3) for r in range(3)]
+    assert {c.steps_per_epoch for c in cursors} == {1} and {c.n_rank for c in cursors} == {7}
+    epoch0 = [set(c.order(0).tolist()) for c in cursors]
+    assert not (epoch0[0] & epoch0[1]) and not (epoch0[1] & epoch0[2]) and not (epoch0[0] & epoch0[2])
+    c = EpochCursor(50, 8, order_seed=1)
+    [c.next() for _ in range(9)]  # into the second epoch
+    state, expect = c.state_dict(), [c.next() for _ in range(5)]
+    d = EpochCursor(50, 8, order_seed=1)
+    d.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(expect, [d.next() for _ in range(5)]))
+
+
 def test_ordered_map_keeps_order_bounds_work_and_raises_in_place():
     def slow(x):
         time.sleep(0.01 * ((x * 7) % 3))  # later items often finish first
