@@ -42,7 +42,7 @@ from preprocess.store import filesystem, join_url
 from .config import AugmentConfig, Config
 from .recording import SPLITS, Recording, hand_speed, load_recording, open_store, split_rows
 from .jitter import draw_positives, jitter_table
-from .stages import Prefetcher, derive_seed, epoch_order, shard_for_rank
+from .stages import EpochCursor, Prefetcher, derive_seed
 from .streams import (BlockAnchorStream, BlockPoolStream, StreamSettings, default_block_rows, fit_normalization_stats,
                       release_freed_blocks)
 
@@ -225,29 +225,14 @@ class AnchorSampler:
         n = len(samples)
         if n < world_size:
             raise UserError(f"{n} training samples cannot be shared by {world_size} ranks")
-        self.samples, self.augment, self.structured = samples, augment, structured
-        self.mining_view, self.order_seed, self.rank, self.world_size = mining_view, order_seed, rank, world_size
-        self.n_rank = n // world_size
-        self.batch_size = min(batch_size, self.n_rank)
-        self.steps_per_epoch = max(1, self.n_rank // batch_size)
+        self.samples, self.augment, self.structured, self.mining_view = samples, augment, structured, mining_view
+        self.cursor = EpochCursor(n, batch_size, order_seed, rank, world_size)
+        self.batch_size, self.steps_per_epoch = self.cursor.batch_size, self.cursor.steps_per_epoch
         self.generator = torch.Generator().manual_seed(seed)
-        self.epoch, self.cursor = 0, 0
-        self._order = None
-
-    def order(self, epoch: int) -> torch.Tensor:
-        """(n_rank,) sample positions this rank visits in ``epoch``."""
-        if self._order is None or self._order[0] != epoch:
-            perm = shard_for_rank(epoch_order(len(self.samples), self.order_seed, epoch), self.rank, self.world_size)
-            self._order = (epoch, torch.from_numpy(np.ascontiguousarray(perm[:self.n_rank])))
-        return self._order[1]
 
     def next_indices(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(anchor positions (B,), positive positions (B,)) into the samples."""
-        if self.cursor >= self.steps_per_epoch:
-            self.epoch, self.cursor = self.epoch + 1, 0
-        B = self.batch_size
-        anchor = self.order(self.epoch)[self.cursor * B:(self.cursor + 1) * B]
-        self.cursor += 1
+        anchor = self.cursor.next()
         s = self.samples
         return anchor, draw_positives(anchor, s.neighbors, s.n_neighbors, self.generator)
 
@@ -265,8 +250,8 @@ class AnchorSampler:
         return x1, x2, x_m, _take_meta(s.meta, anchor)
 
     def state_dict(self) -> dict:
-        return {"kind": "memory", "generator": self.generator.get_state(), "epoch": self.epoch,
-                "cursor": self.cursor, "n_samples": len(self.samples)}
+        return {"kind": "memory", "generator": self.generator.get_state(), **self.cursor.state_dict(),
+                "n_samples": len(self.samples)}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("kind") != "memory" or state["n_samples"] != len(self.samples):
@@ -274,7 +259,7 @@ class AnchorSampler:
                             f"({state.get('kind')} loading), the data has {len(self.samples)} in memory; "
                             "resume with the same data and config")
         self.generator.set_state(state["generator"])
-        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self.cursor.load_state_dict(state)
 
 
 class PoolSampler:

@@ -76,7 +76,7 @@ from preprocess.store import filesystem, join_url
 
 from .data import TrainData
 from .recording import is_transient
-from .stages import Prefetcher, derive_seed, epoch_order, ordered_map, retry, shard_for_rank
+from .stages import EpochCursor, Prefetcher, derive_seed, epoch_order, ordered_map, retry, shard_for_rank
 
 log = logging.getLogger(__name__)
 
@@ -617,27 +617,13 @@ class ImageAnchorSampler:
             raise UserError(f"{n} images cannot be shared by {world_size} ranks")
         self.images, self.labels, self.augment, self.augment_m = images, labels, augment, augment_m
         self.samples = torch.arange(first_sample, first_sample + n, dtype=torch.int64)
-        self.order_seed, self.rank, self.world_size, self.mining_view = order_seed, rank, world_size, mining_view
-        self.n_rank = n // world_size
-        self.batch_size = min(int(batch_size), self.n_rank)
-        self.steps_per_epoch = max(1, self.n_rank // int(batch_size))
+        self.mining_view = mining_view
+        self.cursor = EpochCursor(n, batch_size, order_seed, rank, world_size)
+        self.batch_size, self.steps_per_epoch = self.cursor.batch_size, self.cursor.steps_per_epoch
         self.generator = torch.Generator().manual_seed(seed)
-        self.epoch, self.cursor = 0, 0
-        self._order = None
-
-    def order(self, epoch: int) -> torch.Tensor:
-        if self._order is None or self._order[0] != epoch:
-            perm = shard_for_rank(epoch_order(len(self.images), self.order_seed, epoch), self.rank, self.world_size)
-            self._order = (epoch, torch.from_numpy(np.ascontiguousarray(perm[:self.n_rank])))
-        return self._order[1]
 
     def next_indices(self) -> torch.Tensor:
-        if self.cursor >= self.steps_per_epoch:
-            self.epoch, self.cursor = self.epoch + 1, 0
-        B = self.batch_size
-        idx = self.order(self.epoch)[self.cursor * B:(self.cursor + 1) * B]
-        self.cursor += 1
-        return idx
+        return self.cursor.next()
 
     def __iter__(self):
         return self
@@ -651,8 +637,8 @@ class ImageAnchorSampler:
         return x1, x2, x_m, _meta(self.samples[idx], self.labels[idx])
 
     def state_dict(self) -> dict:
-        return {"kind": "images-memory", "generator": self.generator.get_state(), "epoch": self.epoch,
-                "cursor": self.cursor, "n_samples": len(self.images), "order_seed": self.order_seed}
+        return {"kind": "images-memory", "generator": self.generator.get_state(), **self.cursor.state_dict(),
+                "n_samples": len(self.images), "order_seed": self.cursor.order_seed}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("kind") != "images-memory" or state["n_samples"] != len(self.images):
@@ -660,8 +646,7 @@ class ImageAnchorSampler:
                             f"images) does not match the data (images-memory, {len(self.images)}); resume with the "
                             "same data and settings")
         self.generator.set_state(state["generator"])
-        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
-        self.order_seed, self._order = int(state.get("order_seed", self.order_seed)), None
+        self.cursor.load_state_dict(state)
 
 
 class ImagePoolSampler:

@@ -87,7 +87,11 @@ class EpochCursor:
         return {"epoch": self.epoch, "cursor": self.cursor}
 
     def load_state_dict(self, state: dict) -> None:
+        """Epoch and cursor; an ``order_seed`` in ``state`` replaces this one (a resume keeps
+        the run's original order even under another seed)."""
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        if "order_seed" in state:
+            self.order_seed, self._order = int(state["order_seed"]), None
 
 
 def ordered_map(fn: Callable[[Any], Any], items: Iterable, threads: int = 4, read_ahead: int = 4) -> Iterator:

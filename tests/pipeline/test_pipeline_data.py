@@ -172,9 +172,9 @@ def test_anchor_epochs_are_permutations(store):
     batches = [sampler.next_indices()[0] for _ in range(sampler.steps_per_epoch)]
     flat = torch.cat(batches)
     assert len(flat) == sampler.steps_per_epoch * 32 and len(flat.unique()) == len(flat)
-    assert sampler.epoch == 0
+    assert sampler.cursor.epoch == 0
     sampler.next_indices()
-    assert sampler.epoch == 1
+    assert sampler.cursor.epoch == 1
 
 
 def test_small_data_gives_one_batch_of_everything(store):
