@@ -320,10 +320,8 @@ class SessionData:
         return self.samples is None
 
     def close(self) -> None:
-        for stream in (self.anchors, self.pool):
-            stream.close(rewind=False)
-            if hasattr(stream.source, "close"):
-                stream.source.close()
+        self.anchors.shutdown()
+        self.pool.shutdown()
 
 
 @dataclass

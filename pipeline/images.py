@@ -1306,10 +1306,8 @@ class ImageSession:
         return bool(self.anchors.streamed)
 
     def close(self) -> None:
-        for stream in (self.anchors, self.pool):
-            stream.close(rewind=False)
-            if hasattr(stream.source, "close"):
-                stream.source.close()
+        self.anchors.shutdown()
+        self.pool.shutdown()
 
 
 @dataclass

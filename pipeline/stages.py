@@ -298,6 +298,12 @@ class Prefetcher:
         if rewind:
             self.source.load_state_dict(self._state)
 
+    def shutdown(self) -> None:
+        """Stop for good: the producer thread and the source's own readers (``source.close``)."""
+        self.close(rewind=False)
+        if hasattr(self.source, "close"):
+            self.source.close()
+
     def __getattr__(self, name: str):
         # steps_per_epoch, batch_size, ... of the wrapped stream
         if name == "source":
