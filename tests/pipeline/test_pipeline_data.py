@@ -130,6 +130,16 @@ def test_pepper_and_noise_apply_to_a_share_of_samples():
     assert out[noisy].std().item() == pytest.approx(1.5, rel=0.05)
 
 
+def test_bernoulli_masks_exact_at_the_ends_unbiased_between():
+    rng = np.random.Generator(np.random.SFC64(0))
+    assert Augmenter._bernoulli(rng, (5000,), 1.0).all() and not Augmenter._bernoulli(rng, (5000,), 0.0).any()
+    assert Augmenter._bernoulli(rng, (200_000,), 0.3).float().mean().item() == pytest.approx(0.3, abs=0.005)
+    p = np.array([[0.0], [0.25], [0.999]])  # per-row probabilities broadcast over columns
+    mask = Augmenter._bernoulli(rng, (3, 100_000), p)
+    assert mask.shape == (3, 100_000) and mask.dtype == torch.bool
+    assert mask.float().mean(1).tolist() == pytest.approx([0.0, 0.25, 0.999], abs=0.006)
+
+
 def test_augment_order_dropout_then_normalise():
     # a dropped unit is 0 Hz before z-scoring: (0 - mean) / std after it
     aug = Augmenter(AugmentConfig(dropout_max=1.0, noise_std=0.0, pepper_p=0.0),
