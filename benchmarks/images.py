@@ -5,7 +5,7 @@ one JSON line.
    stream, with its augmentations, + ``pipeline.train.train_step``), MYOW and BYOL
    interleaved in blocks so machine noise hits both alike, medians after a warm-up, in the
    steady state (lambda ramped in). The small setting: configs/mnist_myow.yaml (small
-   convnet, 28x28) with B = L = ``--throughput-batch``.
+   convnet, 16x16 views) with B = L = ``--throughput-batch``.
 2. Accuracy: the MNIST test set (``../shared/data/mnist-t10k``, sharded by
    ``preprocess.shard_images``) split 8000 / 2000 (images 0-7999 trained on, 8000-9999
    evaluated on, ``images.eval_fraction``); ``pipeline.train.train`` with
