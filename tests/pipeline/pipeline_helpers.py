@@ -78,3 +78,34 @@ def write_store(url: str, arrays: dict[str, np.ndarray], chunk_rows: int, storag
     bin_spikes.write_recording(rec, url, storage_options or {}, overwrite=False, scheduler="synchronous",
                                progress=False, layout=layout)
     return url
+
+
+class Interrupted(Exception):
+    """What :func:`train_killed_at_fetch` raises in place of a batch."""
+
+
+def train_killed_at_fetch(cfg, fetch: int) -> None:
+    """Run ``pipeline.train.train(cfg)`` and kill it while its anchor stream fetches its
+    ``fetch``-th batch (the stream runs in the prefetch thread, reads ahead, and its error
+    reaches the trainer in order), as a crash between checkpoints would."""
+    import pytest
+
+    from pipeline.data import build_train_data
+    from pipeline.train import train
+
+    data = build_train_data(cfg)
+    sampler = type(data.anchors.source)
+    real_next, calls = sampler.__next__, {"n": 0}
+
+    def flaky_next(self):
+        calls["n"] += 1
+        if calls["n"] == fetch:
+            raise Interrupted
+        return real_next(self)
+
+    sampler.__next__ = flaky_next
+    try:
+        with pytest.raises(Interrupted):
+            train(cfg, data=data)
+    finally:
+        sampler.__next__ = real_next

@@ -322,30 +322,14 @@ def test_streamed_store_matches_memory_statistics_and_rows(chunked_store):
 def test_training_on_a_streamed_store_resumes_exactly(chunked_store, tmp_path):
     from pipeline.checkpoint import load_checkpoint
     from pipeline.train import train
-    from pipeline_helpers import tiny_overrides
+    from pipeline_helpers import tiny_overrides, train_killed_at_fetch
 
     store, _ = chunked_store
     extra = {"data.loading": "stream", "data.shuffle_buffer_rows": 64, "data.read_threads": 2}
     full, _ = train(build_config(overrides=tiny_overrides(store, tmp_path / "full", steps=16, **extra)))
     cfg = build_config(overrides=tiny_overrides(store, tmp_path / "cut", steps=16, **extra,
                                                 **{"train.checkpoint_every": 6}))
-    data = build_train_data(cfg)
-    sampler = type(data.anchors.source)
-    real = sampler.__next__
-    calls = {"n": 0}
-
-    def flaky(self):
-        calls["n"] += 1
-        if calls["n"] == 10:
-            raise InterruptedError("killed")
-        return real(self)
-
-    sampler.__next__ = flaky
-    try:
-        with pytest.raises(InterruptedError):
-            train(cfg, data=data)
-    finally:
-        sampler.__next__ = real
+    train_killed_at_fetch(cfg, fetch=10)
     assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["step"] == 6
     train(cfg)
     a = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["model"]

@@ -18,7 +18,7 @@ from pipeline.config import build_config, load_config
 from pipeline.data import build_train_data
 from pipeline.train import Plan, schedules, train, train_step
 from preprocess.errors import run_cli
-from pipeline_helpers import REPO, make_store, tiny_overrides
+from pipeline_helpers import REPO, make_store, tiny_overrides, train_killed_at_fetch
 
 STEP_KEYS = {"loss_augmented", "loss_mined", "loss_total", "mining_weight", "learning_rate", "ema_momentum",
              "mining_pool_size", "mined_same_trial_ratio", "mined_time_gap_seconds",
@@ -64,31 +64,14 @@ def test_training_smoke_writes_run_and_is_deterministic(store, tmp_path):
     assert [r["loss_total"] for r in _metrics(other)] != [r["loss_total"] for r in rows]
 
 
-def test_resume_continues_the_exact_sequence(store, tmp_path, monkeypatch):
+def test_resume_continues_the_exact_sequence(store, tmp_path):
     full_dir = tmp_path / "full"
     train(build_config(overrides=tiny_overrides(store, full_dir, steps=24)))
 
     # interrupted run: checkpoint every 10 steps, killed while fetching step 16's batch
     cut_dir = tmp_path / "cut"
     cfg = build_config(overrides=tiny_overrides(store, cut_dir, steps=24, **{"train.checkpoint_every": 10}))
-    data = build_train_data(cfg)
-    sampler = type(data.anchors.source)  # runs in the prefetch thread; its error reaches the trainer in order
-    real_next = sampler.__next__
-    calls = {"n": 0}
-
-    class Interrupted(Exception):
-        pass
-
-    def flaky_next(self):
-        calls["n"] += 1
-        if calls["n"] == 16:
-            raise Interrupted
-        return real_next(self)
-
-    monkeypatch.setattr(sampler, "__next__", flaky_next)
-    with pytest.raises(Interrupted):
-        train(cfg, data=data)
-    monkeypatch.undo()
+    train_killed_at_fetch(cfg, fetch=16)
     assert load_checkpoint(cut_dir / "checkpoint.pt")["step"] == 10
     assert max(r["step"] for r in _metrics(cut_dir)) == 15
 

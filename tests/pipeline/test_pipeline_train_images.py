@@ -20,12 +20,12 @@ from pipeline import train as train_mod
 from pipeline.build import build_model
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import TRANSFORMS, build_config, load_config
-from pipeline.data import build_train_data, data_kind
+from pipeline.data import data_kind
 from pipeline.images import TRANSFORM_SETS, resolve_selections
 from pipeline.train import train
 from preprocess import shard_images
 from preprocess.errors import run_cli
-from pipeline_helpers import REPO, make_store
+from pipeline_helpers import REPO, make_store, train_killed_at_fetch
 
 N_TRAIN, N_TEST = 96, 48
 
@@ -123,29 +123,13 @@ def test_evaluate_cli_reevaluates_an_image_run(image_run, tmp_path, capsys):
         assert f["sample"].tolist() == list(range(N_TEST)) and f["label"].tolist() == [i % 4 for i in range(N_TEST)]
 
 
-def test_resume_continues_the_exact_sequence(shards, tmp_path, monkeypatch):
+def test_resume_continues_the_exact_sequence(shards, tmp_path):
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
     common = {"eval.mining_anchors": 8}
     train(build_config(overrides=image_overrides(shards["full"], full_dir, steps=8, **common)))
     cfg = build_config(overrides=image_overrides(shards["full"], cut_dir, steps=8, **{"train.checkpoint_every": 4},
                                                  **common))
-    data = build_train_data(cfg)
-    sampler = type(data.anchors.source)
-    real_next, calls = sampler.__next__, {"n": 0}
-
-    class Interrupted(Exception):
-        pass
-
-    def flaky_next(self):
-        calls["n"] += 1
-        if calls["n"] == 7:  # killed while fetching step 7's batch (the stream reads 2 batches ahead)
-            raise Interrupted
-        return real_next(self)
-
-    monkeypatch.setattr(sampler, "__next__", flaky_next)
-    with pytest.raises(Interrupted):
-        train(cfg, data=data)
-    monkeypatch.undo()
+    train_killed_at_fetch(cfg, fetch=7)  # killed while fetching step 7's batch (the stream reads 2 ahead)
     assert load_checkpoint(cut_dir / "checkpoint.pt")["step"] == 4
 
     train(cfg)  # resumes from step 4
