@@ -404,15 +404,22 @@ def load_run(run_dir: str | os.PathLike) -> tuple[Config, dict]:
     return build_config(ckpt["config"]), ckpt
 
 
-def export_embeddings(path: str | os.PathLike, embedding: np.ndarray, rec: Recording) -> None:
-    """``embedding`` (T, D) float32 + ``bin_start_s`` + ``trial``, written atomically."""
+def export_target(path: str | os.PathLike) -> Path:
+    """The ``--export-embeddings`` path; UserError when its directory does not exist."""
     path = Path(path)
     if not path.parent.is_dir():
         raise UserError(f"--export-embeddings {path}: directory {path.parent} does not exist")
+    return path
+
+
+def export_arrays(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+    """``--export-embeddings``: ``arrays`` in one .npz, written atomically (a temporary
+    sibling, then os.replace), so a failed export leaves nothing behind."""
+    path = export_target(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            np.savez(f, embedding=embedding.astype(np.float32), bin_start_s=rec.bin_start_s, trial=rec.trial)
+            np.savez(f, **arrays)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -425,6 +432,8 @@ def evaluate_run(run_dir: str | os.PathLike, data: str | None = None, export: st
 
     Runs on image shards are evaluated by :func:`pipeline.images.evaluate_image_run`."""
     cfg, ckpt = load_run(run_dir)
+    if export:
+        export_target(export)  # before minutes of evaluation, not after
     if ckpt.get("data_kind") == "images":
         from .images import evaluate_image_run
 
@@ -461,7 +470,8 @@ def evaluate_run(run_dir: str | os.PathLike, data: str | None = None, export: st
         emb = embed(model.encoder, rec, norms[i])
         per_session.append(evaluate_embedding(emb, rec, cfg.data.split, cfg.eval.tasks, cfg.eval.reach_min_speed))
         if export:
-            export_embeddings(export, emb, rec)
+            # (T, D) float32 embedding of every bin, with its start time and trial
+            export_arrays(export, embedding=emb.astype(np.float32), bin_start_s=rec.bin_start_s, trial=rec.trial)
         if plots:
             save_plots(run_dir, emb, rec, cfg.data.split, cfg.eval.reach_min_speed, cfg.eval.tsne, cfg.run.seed,
                        suffix=f"-session{i}" if len(norms) > 1 else "")

@@ -1476,10 +1476,8 @@ def evaluate_image_run(run_dir, cfg, ckpt: dict, data: str | None = None, export
     in it), load the run's training and eval selections (``data`` replaces data.path) and
     evaluate with :func:`evaluate_images`. ``export`` writes ``embedding`` (n, D) float32 of
     the eval selection, with ``sample`` and ``label``, atomically."""
-    import os
-    from pathlib import Path
-
     from .build import build_model
+    from .evaluate import export_arrays
     from .train import set_threads
 
     set_threads(cfg.run.threads, images=True)  # as at the end of training (see set_threads)
@@ -1501,18 +1499,8 @@ def evaluate_image_run(run_dir, cfg, ckpt: dict, data: str | None = None, export
     results, eval_f = evaluate_images(model, cfg, norm, train_x, train_y, eval_x, eval_y, classes=classes,
                                       device=device, run_dir=run_dir, plots=plots, return_features=True)
     if export:
-        path = Path(export)
-        if not path.parent.is_dir():
-            raise UserError(f"--export-embeddings {path}: directory {path.parent} does not exist")
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(f, embedding=eval_f.numpy().astype(np.float32), sample=samples.numpy(),
-                         label=eval_y.numpy())
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        export_arrays(export, embedding=eval_f.numpy().astype(np.float32), sample=samples.numpy(),
+                      label=eval_y.numpy())
     results["step"] = int(ckpt["step"])
     return results
 
