@@ -58,7 +58,7 @@ MAX_CLASSES = 64  # labels with more classes are not classification tasks (e.g. 
 TSNE_MAX_ROWS = 2000
 
 __all__ = ["circular_error", "angle_accuracy", "reach_readout", "classification_readout", "embed",
-           "evaluate_embedding", "save_plots", "save_agreement_plot", "evaluate_sessions", "evaluate_run", "main"]
+           "evaluate_embedding", "save_plots", "save_agreement_plot", "evaluate_session", "evaluate_sessions", "evaluate_run", "main"]
 
 
 # --------------------------------------------------------------------------- metrics
@@ -375,20 +375,25 @@ def combine_sessions(results: list[dict], urls: list[str]) -> dict:
     return out
 
 
+def evaluate_session(model, index: int, rec: Recording, normalization: Normalization, cfg: Config, *,
+                     device="cpu", run_dir=None, plots: bool = False, multi: bool = False) -> tuple[np.ndarray, dict]:
+    """Session ``index`` of a run: embed its store ``rec`` with the frozen online encoder
+    ((T, D) float32, returned), read out every task, and (``plots``) write the t-SNE and
+    mining-agreement PNGs into ``run_dir`` (suffixed by the session when ``multi``)."""
+    set_session(model, index)
+    emb = embed(model.encoder, rec, normalization, device)
+    results = evaluate_embedding(emb, rec, cfg.data.split, cfg.eval.tasks, cfg.eval.reach_min_speed)
+    if plots:
+        save_plots(run_dir, emb, rec, cfg.data.split, cfg.eval.reach_min_speed, cfg.eval.tsne, cfg.run.seed,
+                   suffix=f"-session{index}" if multi else "")
+    return emb, results
+
+
 def evaluate_sessions(model, sessions, cfg: Config, *, device="cpu", run_dir=None, plots: bool = False) -> dict:
-    """Every session of a neural run (``TrainData.sessions``): embed its store with the
-    frozen online encoder, read out every task, and (``plots``) write the t-SNE and
-    mining-agreement PNGs into ``run_dir``; several sessions -> :func:`combine_sessions`."""
-    per_session = []
-    multi = len(sessions) > 1
-    for i, s in enumerate(sessions):
-        set_session(model, i)
-        emb = embed(model.encoder, s.recording, s.normalization, device)
-        per_session.append(evaluate_embedding(emb, s.recording, cfg.data.split, cfg.eval.tasks,
-                                              cfg.eval.reach_min_speed))
-        if plots:
-            save_plots(run_dir, emb, s.recording, cfg.data.split, cfg.eval.reach_min_speed, cfg.eval.tsne,
-                       cfg.run.seed, suffix=f"-session{i}" if multi else "")
+    """Every session of a neural run (``TrainData.sessions``) by :func:`evaluate_session`;
+    several sessions -> :func:`combine_sessions`."""
+    per_session = [evaluate_session(model, i, s.recording, s.normalization, cfg, device=device, run_dir=run_dir,
+                                    plots=plots, multi=len(sessions) > 1)[1] for i, s in enumerate(sessions)]
     return combine_sessions(per_session, [s.recording.url for s in sessions])
 
 
@@ -466,15 +471,12 @@ def evaluate_run(run_dir: str | os.PathLike, data: str | None = None, export: st
         if norms[i].mean.shape[0] != rec.n_units:
             raise UserError(f"{url}: has {rec.n_units} units but the run was trained on {norms[i].mean.shape[0]}; "
                             "pass the store the run was trained on (--data)")
-        set_session(model, i)
-        emb = embed(model.encoder, rec, norms[i])
-        per_session.append(evaluate_embedding(emb, rec, cfg.data.split, cfg.eval.tasks, cfg.eval.reach_min_speed))
+        emb, results = evaluate_session(model, i, rec, norms[i], cfg, run_dir=run_dir, plots=plots,
+                                        multi=len(norms) > 1)
+        per_session.append(results)
         if export:
             # (T, D) float32 embedding of every bin, with its start time and trial
             export_arrays(export, embedding=emb.astype(np.float32), bin_start_s=rec.bin_start_s, trial=rec.trial)
-        if plots:
-            save_plots(run_dir, emb, rec, cfg.data.split, cfg.eval.reach_min_speed, cfg.eval.tsne, cfg.run.seed,
-                       suffix=f"-session{i}" if len(norms) > 1 else "")
     results = combine_sessions(per_session, [trained_on[i] for i in chosen])
     results["step"] = int(ckpt["step"])
     return results
