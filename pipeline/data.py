@@ -182,7 +182,8 @@ class Augmenter:
             x.index_add_(0, rows, pepper.to(x.dtype), alpha=c.pepper_value)
         if c.noise_std > 0 and c.noise_apply_p > 0:
             rows = self._rows(n, c.noise_apply_p, self._numpy_rng(generator))
-            x.index_add_(0, rows, torch.randn(len(rows), n_units, generator=generator), alpha=c.noise_std)  # faster than numpy's
+            # torch's vectorised normal_ is faster than numpy's ziggurat for float32
+            x.index_add_(0, rows, torch.randn(len(rows), n_units, generator=generator), alpha=c.noise_std)
         return x.sub_(self.mean).mul_(self.inv_std)
 
 
