@@ -43,6 +43,8 @@ TRANSFORMS = ("cifar", "imagenet", "mnist", "mnist-all")
 IMAGE_SELECTIONS = ("train", "val", "test")
 ARCHITECTURES = ("cascaded", "parallel", "single")
 MINING_VIEWS = ("separate", "anchor")
+POOLS = ("independent", "batch")
+MINING_SPACES = ("target", "online")
 LOADINGS = ("auto", "memory", "stream")
 
 
@@ -131,6 +133,16 @@ class MethodConfig:
     # The anchors' mining input x_m: "separate" = a third draw t_m(s) (paper Algorithm 1);
     # "anchor" = view 1 itself, reusing its online representation (myow-neuro; cheaper).
     mining_view: str = "separate"
+    # Where the candidates come from: "independent" = a pool of pool_size training samples
+    # drawn by their own stream (paper App. B); "batch" = the step's own anchors (view 1),
+    # as myow-neuro does (no pool stream; pool_size is unused).
+    pool: str = "independent"
+    # The candidates' representation: "target" y' = f'(x) (paper, cheaper) or "online"
+    # y = f(x) without gradient (paper App. F, Table S2).
+    mining_space: str = "target"
+    # DIAGNOSTIC ONLY, never a method: mine only among candidates with the anchor's label
+    # (labels are otherwise never used for training). benchmarks/mining_diagnosis.py.
+    oracle: bool = False
 
 
 @dataclass
@@ -278,6 +290,8 @@ class Config:
         need(me.mining_warmup_epochs >= 0, "method.mining_warmup_epochs", "must be >= 0")
         need(me.mining_ramp_epochs >= 0, "method.mining_ramp_epochs", "must be >= 0")
         need(me.mining_view in MINING_VIEWS, "method.mining_view", f"must be one of {', '.join(MINING_VIEWS)}")
+        need(me.pool in POOLS, "method.pool", f"must be one of {', '.join(POOLS)}")
+        need(me.mining_space in MINING_SPACES, "method.mining_space", f"must be one of {', '.join(MINING_SPACES)}")
         need(o.name in OPTIMIZERS, "optim.name", f"must be one of {', '.join(OPTIMIZERS)}, got {o.name!r}")
         need(o.lr > 0, "optim.lr", "must be > 0")
         need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")

@@ -57,7 +57,7 @@ DELTA_ACC_WINDOW = 3 * np.pi / 16  # +-33.75 deg
 MAX_CLASSES = 64  # labels with more classes are not classification tasks (e.g. ids)
 TSNE_MAX_ROWS = 2000
 
-__all__ = ["circular_error", "angle_accuracy", "reach_readout", "classification_readout", "embed",
+__all__ = ["circular_error", "angle_accuracy", "reach_readout", "reach_cv_readout", "trial_folds", "classification_readout", "embed",
            "evaluate_embedding", "save_plots", "save_agreement_plot", "evaluate_session", "evaluate_sessions", "evaluate_run", "main"]
 
 
@@ -85,6 +85,83 @@ def _standardizer(train: np.ndarray):
     std = train.std(0)
     std = np.where(std > 1e-12, std, 1.0)
     return lambda x: (np.asarray(x, dtype=np.float64) - mean) / std
+
+
+def _ridge_path(x: np.ndarray, angle: np.ndarray, alphas: np.ndarray):
+    """Closed-form ridge maps x (n, D) -> (cos, sin) of ``angle`` (n,) for every alpha.
+
+    Minimises ``mean_i ||W^T x_i + b - [cos a_i, sin a_i]||^2 + alpha ||W||^2`` (b
+    unpenalised). One eigendecomposition of the Gram matrix serves every alpha:
+    W(alpha) = V diag(1 / (e + alpha)) V^T X^T (Y - mean) / n. Yields (alpha, predict),
+    predict: (m, D) -> (m, 2).
+    """
+    y = np.stack([np.cos(angle), np.sin(angle)], axis=1)
+    y_mean = y.mean(0)
+    n = len(angle)
+    evals, evecs = np.linalg.eigh(x.T @ x / n)
+    proj = evecs.T @ (x.T @ (y - y_mean) / n)  # (D, 2)
+    for alpha in alphas:
+        w = evecs @ (proj / (np.maximum(evals, 0.0) + alpha)[:, None])
+        yield float(alpha), (lambda f, w=w: f @ w + y_mean)
+
+
+def trial_folds(groups: np.ndarray, n_folds: int) -> np.ndarray:
+    """(n,) fold id per row: the distinct ``groups`` (trial ids) in order of first
+    appearance, cut into ``n_folds`` contiguous blocks of (nearly) equal numbers of
+    trials, so a fold is a stretch of consecutive trials (never a trial split in two)."""
+    groups = np.asarray(groups)
+    ids, first = np.unique(groups, return_index=True)
+    order = ids[np.argsort(first, kind="stable")]
+    n_folds = max(1, min(n_folds, len(order)))
+    fold_of_id = dict(zip(order.tolist(), (np.arange(len(order)) * n_folds // len(order)).tolist()))
+    return np.array([fold_of_id[g] for g in groups.tolist()], dtype=np.int64)
+
+
+def reach_cv_readout(features: np.ndarray, y: np.ndarray, groups: np.ndarray, n_folds: int = 5,
+                     alphas: np.ndarray = REACH_ALPHAS, n_directions: int = 8) -> dict:
+    """Trial-grouped, nested cross-validated reach read-out (the selection protocol).
+
+    The rows are cut into ``n_folds`` folds of consecutive trials (:func:`trial_folds`).
+    Each fold is predicted by a ridge map fit on the other folds, with its strength chosen
+    by an inner cross-validation over those other folds only (the held-out fold never
+    chooses anything); features are standardised with the fitting rows' statistics.
+
+    Args:
+        features: (n, D); y: (n,) direction labels 0..n_directions-1; groups: (n,) trial ids.
+
+    Returns:
+        {reach_cv_acc, reach_cv_delta_acc} over all n rows (each predicted once),
+        reach_cv_fold_acc (per fold), reach_cv_bins, reach_cv_folds.
+    """
+    x = np.asarray(features, dtype=np.float64)
+    angle = np.asarray(y, dtype=np.float64) * (2 * np.pi / n_directions)
+    fold = trial_folds(groups, n_folds)
+    k = int(fold.max()) + 1 if len(fold) else 0
+    pred = np.zeros((len(angle), 2))
+
+    def fit_predict(fit: np.ndarray, apply: list[np.ndarray]) -> dict[float, list[np.ndarray]]:
+        z = _standardizer(x[fit])
+        return {alpha: [predict(z(x[a])) for a in apply] for alpha, predict in _ridge_path(z(x[fit]), angle[fit], alphas)}
+
+    for f in range(k):
+        outer_fit = fold != f
+        inner = [g for g in range(k) if g != f]
+        if len(inner) >= 2:  # choose alpha by inner CV over the fitting folds
+            correct = np.zeros(len(alphas))
+            for g in inner:
+                fit, held = outer_fit & (fold != g), fold == g
+                for i, (alpha, (p,)) in enumerate(fit_predict(fit, [held]).items()):
+                    correct[i] += angle_accuracy(p, angle[held])[0] * held.sum()
+            alpha = float(alphas[int(np.argmax(correct))])  # ties: the smaller alpha
+        else:
+            alpha = float(np.median(alphas))
+        z = _standardizer(x[outer_fit])
+        predict = dict(_ridge_path(z(x[outer_fit]), angle[outer_fit], np.array([alpha])))[alpha]
+        pred[fold == f] = predict(z(x[fold == f]))
+    acc, delta = angle_accuracy(pred, angle)
+    fold_acc = [angle_accuracy(pred[fold == f], angle[fold == f])[0] for f in range(k)]
+    return {"reach_cv_acc": acc, "reach_cv_delta_acc": delta, "reach_cv_fold_acc": fold_acc,
+            "reach_cv_bins": int(len(angle)), "reach_cv_folds": k}
 
 
 def reach_readout(features_train: np.ndarray, y_train: np.ndarray, features_val: np.ndarray, y_val: np.ndarray,
@@ -115,24 +192,16 @@ def reach_readout(features_train: np.ndarray, y_train: np.ndarray, features_val:
         return out
     z = _standardizer(xtr)
     xtr, xva, xte = z(xtr), z(xva), z(xte)
-    ytr = np.stack([np.cos(atr), np.sin(atr)], axis=1)
-    y_mean = ytr.mean(0)
-    n = len(atr)
-    # One eigendecomposition of the Gram matrix serves every alpha:
-    # W(alpha) = V diag(1 / (e + alpha)) V^T X^T (Y - mean) / n
-    evals, evecs = np.linalg.eigh(xtr.T @ xtr / n)
-    proj = evecs.T @ (xtr.T @ (ytr - y_mean) / n)  # (D, 2)
     best = None
-    for alpha in alphas:
-        w = evecs @ (proj / (np.maximum(evals, 0.0) + alpha)[:, None])
-        val = angle_accuracy(xva @ w + y_mean, ava) if len(ava) else angle_accuracy(xtr @ w + y_mean, atr)
+    for alpha, predict in _ridge_path(xtr, atr, alphas):
+        val = angle_accuracy(predict(xva), ava) if len(ava) else angle_accuracy(predict(xtr), atr)
         key = tuple(-1.0 if np.isnan(v) else v for v in val)
         if best is None or key > best[0]:
-            best = (key, float(alpha), w)
-    _, alpha, w = best
-    acc, delta = angle_accuracy(xte @ w + y_mean, ate)
-    val_acc, val_delta = angle_accuracy(xva @ w + y_mean, ava)
-    train_acc, _ = angle_accuracy(xtr @ w + y_mean, atr)
+            best = (key, float(alpha), predict)
+    _, alpha, predict = best
+    acc, delta = angle_accuracy(predict(xte), ate)
+    val_acc, val_delta = angle_accuracy(predict(xva), ava)
+    train_acc, _ = angle_accuracy(predict(xtr), atr)
     out.update(reach_acc=acc, reach_delta_acc=delta, reach_val_acc=val_acc, reach_val_delta_acc=val_delta,
                reach_train_acc=train_acc, reach_alpha=alpha)
     return out
@@ -140,11 +209,13 @@ def reach_readout(features_train: np.ndarray, y_train: np.ndarray, features_val:
 
 def classification_readout(features_train: np.ndarray, y_train: np.ndarray, features_val: np.ndarray,
                            y_val: np.ndarray, features_test: np.ndarray, y_test: np.ndarray,
-                           cs: np.ndarray = LOGREG_CS) -> dict:
-    """Multinomial logistic regression on standardised features; C chosen by validation
-    macro-F1 (ties: accuracy, then the smaller C); test metrics at that C.
+                           cs: np.ndarray = LOGREG_CS, class_weights=(None, "balanced")) -> dict:
+    """Multinomial logistic regression on standardised features; C and the class weighting
+    (none, or balanced as in myow-neuro's sleep classifier) chosen by validation macro-F1
+    (ties: accuracy, then the earlier candidate: unweighted, smaller C); test metrics there.
 
-    Returns {accuracy, macro_f1, val_accuracy, val_macro_f1, C}, or {} when train has < 2 classes.
+    Returns {accuracy, macro_f1, weighted_f1, val_accuracy, val_macro_f1, val_weighted_f1,
+    C, balanced}, or {} when train has < 2 classes.
     """
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
@@ -157,24 +228,27 @@ def classification_readout(features_train: np.ndarray, y_train: np.ndarray, feat
 
     def scores(clf, x, y):
         if len(y) == 0:
-            return float("nan"), float("nan")
+            return float("nan"), float("nan"), float("nan")
         pred = clf.predict(x)
-        return float(np.mean(pred == y)), float(f1_score(y, pred, average="macro", zero_division=0))
+        return (float(np.mean(pred == y)), float(f1_score(y, pred, average="macro", zero_division=0)),
+                float(f1_score(y, pred, average="weighted", zero_division=0)))
 
     best = None
-    # Ascending C with warm starts: each fit starts from the previous (more regularised)
-    # solution, ~2x faster than cold starts; the chosen model's test metrics are kept.
-    clf = LogisticRegression(max_iter=500, warm_start=True)
-    for c in sorted(cs):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            clf.set_params(C=float(c)).fit(xtr, y_train)
-        val = scores(clf, xva, y_val) if len(y_val) else scores(clf, xtr, y_train)
-        key = tuple(-1.0 if np.isnan(v) else v for v in (val[1], val[0]))
-        if best is None or key > best[0]:
-            best = (key, float(c), scores(clf, xte, y_test), scores(clf, xva, y_val))
-    _, c, (acc, f1), (val_acc, val_f1) = best
-    return {"accuracy": acc, "macro_f1": f1, "val_accuracy": val_acc, "val_macro_f1": val_f1, "C": c}
+    for weight in class_weights:
+        # Ascending C with warm starts: each fit starts from the previous (more regularised)
+        # solution, ~2x faster than cold starts; the chosen model's test metrics are kept.
+        clf = LogisticRegression(max_iter=500, warm_start=True, class_weight=weight)
+        for c in sorted(cs):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                clf.set_params(C=float(c)).fit(xtr, y_train)
+            val = scores(clf, xva, y_val) if len(y_val) else scores(clf, xtr, y_train)
+            key = tuple(-1.0 if np.isnan(v) else v for v in (val[1], val[0]))
+            if best is None or key > best[0]:
+                best = (key, float(c), weight, scores(clf, xte, y_test), scores(clf, xva, y_val))
+    _, c, weight, (acc, f1, wf1), (val_acc, val_f1, val_wf1) = best
+    return {"accuracy": acc, "macro_f1": f1, "weighted_f1": wf1, "val_accuracy": val_acc, "val_macro_f1": val_f1,
+            "val_weighted_f1": val_wf1, "C": c, "balanced": weight == "balanced"}
 
 
 # --------------------------------------------------------------------------- embedding + tasks
@@ -262,7 +336,7 @@ def evaluate_embedding(embedding: np.ndarray, rec: Recording, split=(0.7, 0.1, 0
             continue
         results.update({f"{name}_{k}": v for k, v in res.items()})
         if name == main:
-            results["accuracy"], results["macro_f1"] = res["accuracy"], res["macro_f1"]
+            results.update(accuracy=res["accuracy"], macro_f1=res["macro_f1"], weighted_f1=res["weighted_f1"])
     return results
 
 

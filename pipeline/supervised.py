@@ -1,10 +1,12 @@
-"""Supervised MLP baseline for the reach task (paper Table 3, "Supervised").
+"""Supervised MLP baseline (paper Table 3 and Fig. 4, "Supervised"): the reach task, or a label.
 
 An MLP encoder (same architecture as MYOW's, with dropout after every block) and a linear
 head predict (cos, sin) of the reach angle with an MSE loss and AdamW weight decay, on the
 moving (speed > ``eval.reach_min_speed``), labelled bins of the TRAIN split. Validation
 accuracy is measured every epoch and the weights of the best validation epoch give the
 test metrics (same keys and metric code as :func:`pipeline.evaluate.reach_readout`).
+A store without a reach task (e.g. the sleep recording) trains a classifier of its main
+label instead: class-balanced cross-entropy, the epoch chosen by validation weighted F1.
 
     python -m pipeline.train --config configs/reach_supervised.yaml --set data.path=STORE
 
@@ -31,35 +33,57 @@ from .checkpoint import atomic_write_text
 from .cli import to_json
 from .config import Config, dump_config
 from .data import Normalization
-from .recording import Recording, load_recording
+from .recording import Recording, load_recording, split_rows
 from .evaluate import angle_accuracy, reach_task_rows
 
 log = logging.getLogger("pipeline.supervised")
 
-__all__ = ["reach_task_rows", "fit_supervised", "train_supervised"]
+__all__ = ["reach_task_rows", "fit_supervised", "supervised_task", "train_supervised"]
+
+
+def _classification_rows(rec: Recording, label: str, split) -> dict[str, np.ndarray]:
+    """Store rows per split with a known (>= 0) ``label``."""
+    y = rec.labels[label]
+    return {name: rows[y[rows] >= 0] for name, rows in split_rows(rec.trial, split).items()}
 
 
 def fit_supervised(cfg: Config, rec: Recording, rows: dict[str, np.ndarray],
-                   on_epoch=None) -> dict:
-    """Train the supervised MLP on ``rows["train"]``; returns reach metrics of the best-val epoch.
+                   on_epoch=None, label: str | None = None) -> dict:
+    """Train the supervised MLP on ``rows["train"]``; returns the test metrics of the best-val epoch.
 
-    Returns {reach_acc, reach_delta_acc, reach_val_acc, reach_val_delta_acc, reach_train_acc,
-    reach_best_epoch, reach_train_bins, reach_val_bins, reach_test_bins}.
+    ``label`` None: the reach task (MSE on (cos, sin) of the target angle) -> {reach_acc,
+    reach_delta_acc, reach_val_acc, reach_val_delta_acc, reach_train_acc, reach_best_epoch,
+    reach_*_bins}. A label name: classification (class-balanced cross-entropy, epoch chosen
+    by validation weighted F1) -> {<label>_accuracy, <label>_macro_f1, <label>_weighted_f1,
+    <label>_val_*, <label>_best_epoch} and the bare accuracy / macro_f1 / weighted_f1.
     """
+    from sklearn.metrics import f1_score
+
     torch.manual_seed(cfg.run.seed)
     norm = Normalization.fit(rec.rates[torch.from_numpy(rows["train"])])
     step = 2 * np.pi / 8
+    classes = np.unique(rec.labels[label][rows["train"]]) if label else None
 
     def xy(split):
         r = torch.from_numpy(rows[split])
+        if label:
+            y = np.searchsorted(classes, rec.labels[label][rows[split]])
+            return norm(rec.rates[r]), torch.from_numpy(y).long(), y
         angle = torch.from_numpy(rec.labels["target"][rows[split]]).double() * step
         return norm(rec.rates[r]), torch.stack([angle.cos(), angle.sin()], 1).float(), angle.numpy()
 
     (xtr, ytr, atr), (xva, _, ava), (xte, _, ate) = xy("train"), xy("val"), xy("test")
     m = cfg.model
+    n_out = len(classes) if label else 2
     net = nn.Sequential(build_encoder(m.encoder, in_dim=rec.n_units, hidden_dim=m.hidden_dim,
                                       num_blocks=m.num_blocks, out_dim=m.out_dim, dropout=m.dropout),
-                        nn.Linear(m.out_dim, 2))
+                        nn.Linear(m.out_dim, n_out))
+    if label:  # class-balanced, as myow-neuro's sleep classifier
+        counts = np.bincount(atr, minlength=n_out).astype(np.float64)
+        weight = torch.tensor(len(atr) / (n_out * np.maximum(counts, 1)), dtype=torch.float32)
+        loss_fn = nn.CrossEntropyLoss(weight=weight)
+    else:
+        loss_fn = nn.MSELoss()
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     gen = torch.Generator().manual_seed(cfg.run.seed)
     n, B = len(xtr), min(cfg.optim.batch_size, len(xtr))
@@ -71,26 +95,52 @@ def fit_supervised(cfg: Config, rec: Recording, rows: dict[str, np.ndarray],
         net.train()
         return out
 
+    def scores(x, truth):
+        """(accuracy, delta-accuracy) for reach; (weighted F1, accuracy, macro F1) for labels."""
+        if not label:
+            return angle_accuracy(predict(x), truth)
+        if len(truth) == 0:
+            return (float("nan"),) * 3
+        pred = predict(x).argmax(1)
+        return (float(f1_score(truth, pred, average="weighted", zero_division=0)), float(np.mean(pred == truth)),
+                float(f1_score(truth, pred, average="macro", zero_division=0)))
+
     best = None
     for epoch in range(1, cfg.train.epochs + 1):
         perm = torch.randperm(n, generator=gen)
         for i in range(0, n - B + 1, B):  # drop the last partial batch (BatchNorm needs > 1 row)
             idx = perm[i:i + B]
-            loss = nn.functional.mse_loss(net(xtr[idx]), ytr[idx])
+            loss = loss_fn(net(xtr[idx]), ytr[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        val = angle_accuracy(predict(xva), ava) if len(ava) else angle_accuracy(predict(xtr), atr)
+        val = scores(xva, ava) if len(ava) else scores(xtr, atr)
         if best is None or val > best[0]:
             best = (val, epoch, copy.deepcopy(net.state_dict()))
         if on_epoch is not None:
             on_epoch(epoch, loss.item(), val)
     val, epoch, state = best
     net.load_state_dict(state)
-    acc, delta = angle_accuracy(predict(xte), ate)
+    if label:
+        (wf1, acc, f1), (vwf1, vacc, vf1) = scores(xte, ate), val
+        out = {"accuracy": acc, "macro_f1": f1, "weighted_f1": wf1, "val_accuracy": vacc, "val_macro_f1": vf1,
+               "val_weighted_f1": vwf1, "best_epoch": epoch}
+        return {**{f"{label}_{k}": v for k, v in out.items()}, "accuracy": acc, "macro_f1": f1, "weighted_f1": wf1}
+    acc, delta = scores(xte, ate)
     return {"reach_train_bins": len(atr), "reach_val_bins": len(ava), "reach_test_bins": len(ate),
             "reach_acc": acc, "reach_delta_acc": delta, "reach_val_acc": val[0], "reach_val_delta_acc": val[1],
             "reach_train_acc": angle_accuracy(predict(xtr), atr)[0], "reach_best_epoch": epoch}
+
+
+def supervised_task(rec: Recording, cfg: Config) -> tuple[dict[str, np.ndarray], str | None]:
+    """(rows per split, label): the reach task when the store has one (label None), else its main label."""
+    if "target" in rec.labels and rec.behavior.get("velocity") is not None:
+        return reach_task_rows(rec, cfg.data.split, cfg.eval.reach_min_speed), None
+    if rec.main_label is None:
+        from preprocess.errors import UserError
+
+        raise UserError(f"{rec.url}: no labels to train the supervised baseline on (labels/<name>)")
+    return _classification_rows(rec, rec.main_label, cfg.data.split), rec.main_label
 
 
 def train_supervised(cfg: Config) -> tuple[Path, dict]:
@@ -106,11 +156,12 @@ def train_supervised(cfg: Config) -> tuple[Path, dict]:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     rec = load_recording(cfg.data.path, cfg.data.storage_options)
-    rows = reach_task_rows(rec, cfg.data.split, cfg.eval.reach_min_speed)
+    rows, label = supervised_task(rec, cfg)
     with open(run_dir / "metrics.jsonl", "w") as f:
         def on_epoch(epoch, loss, val):
             if epoch % cfg.train.log_every == 0 or epoch == cfg.train.epochs:
-                f.write(to_json({"epoch": epoch, "loss": loss, "val_acc": val[0], "val_delta_acc": val[1]}) + "\n")
-        results = fit_supervised(cfg, rec, rows, on_epoch)
+                keys = ("val_weighted_f1", "val_acc", "val_macro_f1") if label else ("val_acc", "val_delta_acc")
+                f.write(to_json({"epoch": epoch, "loss": loss, **dict(zip(keys, val))}) + "\n")
+        results = fit_supervised(cfg, rec, rows, on_epoch, label)
     atomic_write_text(run_dir / "eval.json", to_json(results) + "\n")
     return run_dir, results

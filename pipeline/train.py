@@ -187,16 +187,24 @@ def train_step(model: MYOW | nn.Module, optimizer: torch.optim.Optimizer,
     loss_aug, y1 = model(x1, x2, mode="augmented_loss", return_representation=True)
 
     stats: dict = dict.fromkeys(MINING_METRICS)
-    if lam > 0 and pool is not None:
+    method = cfg.method
+    if lam > 0 and (pool is not None or method.pool == "batch"):
         # Mining (Algorithm 1, "Mine views"): online y of the anchors' mining views against
-        # target y of the independent pool; the same pool serves every anchor.
-        x_pool, pool_meta = pool
+        # target y of the candidates (an independent pool, or the batch's own view 1); the
+        # same candidates serve every anchor.
+        x_pool, pool_meta = (x1, meta) if method.pool == "batch" else pool
         y_m = y1 if x_m is None else model(x_m, mode="online_mining_representation")  # (B, D), with grad
-        pool_y = core.target_representation(x_pool)  # (L, D), no grad
+        if method.mining_space == "online":
+            with torch.no_grad():
+                pool_y = core.encoder(x_pool)  # (L, D), online space, no grad (paper App. F)
+        else:
+            pool_y = core.target_representation(x_pool)  # (L, D), no grad
         pool_y, pool_meta = gather(pool_y, pool_meta)  # (world_size * L, D): the global pool
         stores = (meta["store"], pool_meta["store"]) if plan.multi_store else (None, None)
         exclude = exclusion_mask(meta["trial"], pool_meta["trial"], meta["time"], pool_meta["time"],
                                  plan.min_time_gap_s, *stores)  # (B, world_size * L) bool, True = not allowed
+        if method.oracle:  # diagnostic only: candidates of another label are not allowed
+            exclude = exclude | (meta["label"][:, None] != pool_meta["label"][None, :])
         idx = mine_views(y_m.detach(), pool_y, cfg.method.k, generator, exclude)  # (B,), -1 = none
         loss_mined = model(y_m, pool_y, idx, mode="mined_loss")
         stats = mining_stats(idx, meta, pool_meta, pool_y.shape[0])
@@ -447,7 +455,8 @@ def train(cfg: Config, data: TrainData | None = None, env: DistEnv | None = None
                 session = data.session_at(step)  # the same on every rank
                 stream = data.sessions[session]
                 anchors = next(stream.anchors)
-                pool = next(stream.pool) if schedules(step, cfg, plan)[2] > 0 else None  # none while lambda == 0
+                # no pool while lambda == 0, nor when the candidates are the batch itself
+                pool = next(stream.pool) if schedules(step, cfg, plan)[2] > 0 and cfg.method.pool != "batch" else None
                 anchors, pool = _to(anchors, device, channels_last), _to(pool, device, channels_last)
                 t1 = time.perf_counter()
                 set_session(model, session)

@@ -1,0 +1,151 @@
+"""What the miner pairs, over training: a diagnosis on a reach recording; prints one JSON line.
+
+Trains like the trainer (the same streams and ``pipeline.train.train_step``; non-test
+trials only, as ``benchmarks/selection.py``) and, at the steps given by ``--at``, mines a
+fresh diagnostic batch with the current networks exactly as the step does (online y of
+the anchors' view 1 against target y' of an independent pool, same-trial candidates
+excluded; the diagnostic streams have their own seed, so training is not disturbed).
+Labels are only read here. For every anchor, over its allowed candidates ranked by cosine:
+
+- ``agree@k``: share of the k nearest with the anchor's reach target (what a uniform pick
+  among the top-k gets on average), for several k; ``chance``: a random allowed candidate;
+- ``angle@k``: mean angular distance (degrees) between the anchor's and the top-k's targets;
+- ``first_same_rank``: median rank (1 = nearest) of the first candidate with the same target;
+- ``same_trial_raw@k``: share of the k nearest that are in the anchor's own trial when
+  nothing is excluded (how much the exclusion removes);
+- ``cos@k`` vs ``cos_random``: similarity of the mined pairs against random allowed pairs;
+- ``loss_mined``: the training step's mined loss (negative cosine) at that step.
+
+At the last step the same is measured for pools of several sizes L (``agree5_by_pool``).
+
+Usage: python benchmarks/mining_diagnosis.py [--seed 0] [--at 1 50 100 200 500 1000] [--set key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from model import exclusion_mask  # noqa: E402
+from pipeline.build import build_model, build_optimizer  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.data import build_train_data  # noqa: E402
+from pipeline.train import Plan, schedules, seed_everything, set_threads, train_step  # noqa: E402
+
+CHEWIE = ROOT.parent / "shared" / "data" / "reach-chewie-2013-10-03" / "chewie-2013-10-03-binned-100ms.npz"
+KS = (1, 5, 20, 100)
+
+
+@torch.no_grad()
+def diagnose(model, anchors, pool, ks=KS) -> dict:
+    """Mining statistics of one anchor batch against one pool (see the module docstring)."""
+    x1, _, _, meta = anchors
+    x_pool, pmeta = pool
+    y = F.normalize(model.encoder(x1), dim=1)
+    yp = F.normalize(model.target_representation(x_pool), dim=1)
+    sim = y @ yp.T  # (B, L)
+    excluded = exclusion_mask(meta["trial"], pmeta["trial"])
+    la, lp = meta["label"], pmeta["label"]
+    same_label = la[:, None] == lp[None, :]  # (B, L)
+    diff = (la[:, None] - lp[None, :]).abs() % 8
+    angle = torch.minimum(diff, 8 - diff).double() * 45.0
+    out: dict = {}
+    allowed_sim = sim.masked_fill(excluded, float("-inf"))
+    order = allowed_sim.argsort(dim=1, descending=True)
+    n_allowed = (~excluded).sum(1)
+    for k in ks:
+        top = order[:, :k]
+        out[f"agree@{k}"] = float(same_label.gather(1, top).double().mean())
+        out[f"angle@{k}"] = float(angle.gather(1, top).mean())
+        out[f"cos@{k}"] = float(sim.gather(1, top).mean())
+        raw_top = sim.argsort(dim=1, descending=True)[:, :k]
+        out[f"same_trial_raw@{k}"] = float(excluded.gather(1, raw_top).double().mean())
+    allowed = (~excluded).double()
+    out["chance"] = float(((same_label.double() * allowed).sum(1) / allowed.sum(1).clamp(min=1)).mean())
+    out["cos_random"] = float(((sim * allowed).sum(1) / allowed.sum(1).clamp(min=1)).mean())
+    same_sorted = same_label.gather(1, order) & (torch.arange(order.shape[1])[None, :] < n_allowed[:, None])
+    has = same_sorted.any(1)
+    first = same_sorted.double().argmax(1) + 1
+    out["first_same_rank"] = float(first[has].median()) if has.any() else None
+    out["pool_unique_share"] = float(len(torch.unique(pmeta["row"])) / len(pmeta["row"]))
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(CHEWIE), help="reach recording (.npz or store)")
+    p.add_argument("--config", default=str(ROOT / "configs" / "reach_myow.yaml"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--at", type=int, nargs="+", default=[1, 50, 100, 200, 500, 1000])
+    p.add_argument("--pools", type=int, nargs="+", default=[256, 1024, 4096], help="pool sizes at the last step")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = p.parse_args()
+    set_threads(0)
+    torch.set_flush_denormal(True)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = args.data
+        if store.endswith(".npz"):
+            from preprocess.bin_spikes import main as bin_main
+
+            store = str(Path(tmp) / "rec.zarr")
+            if bin_main([args.data, "--out", store, "--no-progress"]) != 0:
+                raise SystemExit("could not build the store")
+        base = load_config(args.config, [f"data.path={store}"])
+        tr, va, te = base.data.split
+        common = [f"data.path={store}", f"data.split=[{tr + va},0.0,{te}]", "run.progress=false"]
+        cfg = load_config(args.config, [*common, f"run.seed={args.seed}", *args.overrides])
+        data = build_train_data(cfg)
+        norm = data.sessions[0].normalization
+        diag_cfg = load_config(args.config, [*common, f"run.seed={args.seed + 7919}", "method.name=myow",
+                                             *args.overrides])
+        diag = build_train_data(diag_cfg, normalization=norm)
+        plan = Plan.build(cfg, data.steps_per_epoch, data.min_time_gap_s)
+        seed_everything(cfg.run.seed)
+        model = build_model(cfg, data.model_input()).train()
+        opt = build_optimizer(cfg, model.online_parameters())
+        gen = torch.Generator().manual_seed(cfg.run.seed)
+        at = sorted({s for s in args.at if 1 <= s <= plan.total_steps} | {plan.total_steps})
+        rows = []
+        s0 = data.sessions[0]
+        for step in range(plan.total_steps):
+            anchors = next(s0.anchors)
+            pool = next(s0.pool) if schedules(step, cfg, plan)[2] > 0 else None
+            out = train_step(model, opt, anchors, pool, step, cfg, gen, plan=plan)
+            if step + 1 in at:
+                d = diagnose(model, next(diag.sessions[0].anchors), next(diag.sessions[0].pool))
+                d.update(step=step + 1, loss_mined=out["loss_mined"], loss_augmented=out["loss_augmented"],
+                         mined_label_agreement_ratio=out["mined_label_agreement_ratio"])
+                rows.append(d)
+                print(json.dumps(d), file=sys.stderr, flush=True)
+        # pool size at the end: concatenate independent pools
+        by_pool = {}
+        dpool = diag.sessions[0].pool
+        anchors = next(diag.sessions[0].anchors)
+        for size in args.pools:
+            parts, metas = [], []
+            while sum(len(x) for x in parts) < size:
+                x, m = next(dpool)
+                parts.append(x)
+                metas.append(m)
+            x = torch.cat(parts)[:size]
+            m = {k: torch.cat([mm[k] for mm in metas])[:size] for k in metas[0]}
+            d = diagnose(model, anchors, (x, m), ks=(5,))
+            by_pool[size] = {"agree@5": d["agree@5"], "angle@5": d["angle@5"], "cos@5": d["cos@5"]}
+        data.close()
+        diag.close()
+    print(json.dumps({"benchmark": "mining_diagnosis", "config": args.config, "overrides": args.overrides,
+                      "seed": args.seed, "steps": rows, "agree5_by_pool": by_pool}))
+
+
+if __name__ == "__main__":
+    main()

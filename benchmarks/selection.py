@@ -1,0 +1,220 @@
+"""The selection protocol: compare settings on the NON-TEST trials only, paired by seed.
+
+For every reach recording given (an .npz of binned counts, or a recording store), every
+candidate (a name and ``--set`` overrides on top of ``--config``) and every seed:
+
+1. self-supervised training on the non-test trials only: ``data.split`` becomes
+   [train + val, 0, test] of the config's split (Chewie-1: the first 127 of 159 trials;
+   the test trials are the same 32 as in ``benchmarks/reach.py``);
+2. the frozen encoder embeds those trials' bins; a ridge read-out of the reach direction
+   is cross-validated over ``--folds`` folds of consecutive trials, with the ridge
+   strength chosen by an inner cross-validation of the fitting folds
+   (:func:`pipeline.evaluate.reach_cv_readout`). Every labelled moving bin of the non-test
+   trials is predicted once (Chewie-1: ~730 bins instead of the 84 validation bins).
+
+The test trials are never read out here. Every candidate runs on the same seeds, so the
+comparison with ``--baseline`` is paired: per (recording, seed) the difference of CV
+accuracy, then its mean, std and a 95% t confidence interval (over all recordings x
+seeds, and per recording).
+
+Prints a Markdown table on stderr and one JSON line on stdout.
+
+Usage:
+    python benchmarks/selection.py --seeds 0 1 2 3 4 --jobs 2 \\
+        --candidate byol method.name=byol --candidate myow \\
+        --candidate myow_k1 method.k=1 [--data REC.npz|STORE ...] [--config configs/reach_myow.yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import math
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CHEWIE = ROOT.parent / "shared" / "data" / "reach-chewie-2013-10-03" / "chewie-2013-10-03-binned-100ms.npz"
+
+
+def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float, float]:
+    """(mean, std, lo, hi): the mean of ``values`` and its two-sided t confidence interval."""
+    from scipy import stats
+
+    n = len(values)
+    mean = statistics.fmean(values)
+    if n < 2:
+        return mean, 0.0, float("nan"), float("nan")
+    sd = statistics.stdev(values)
+    half = stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
+    return mean, sd, mean - half, mean + half
+
+
+def prepare_store(path: str, tmp: str, index: int) -> str:
+    """A recording store for ``path``: a store is used as is, an .npz is binned into ``tmp``."""
+    if not path.endswith(".npz"):
+        return path
+    from preprocess.bin_spikes import main as bin_main
+
+    store = os.path.join(tmp, f"rec{index}.zarr")
+    if bin_main([path, "--out", store, "--no-progress"]) != 0:
+        raise SystemExit(f"{path}: could not build a store")
+    return store
+
+
+def run_one(job: dict) -> dict:
+    """Train one (recording, candidate, seed) on the non-test trials and cross-validate the read-out."""
+    import torch
+
+    from pipeline.build import build_model
+    from pipeline.checkpoint import load_checkpoint
+    from pipeline.config import load_config
+    from pipeline.data import normalizations_from
+    from pipeline.evaluate import embed, reach_cv_readout, reach_task_rows
+    from pipeline.recording import open_store
+    from pipeline.train import set_threads, train
+
+    if job["threads"]:
+        set_threads(job["threads"])
+    base = load_config(job["config"], [f"data.path={job['store']}"])
+    tr, va, te = base.data.split
+    run_dir = os.path.join(job["tmp"], f"{job['recording']}-{job['candidate']}-{job['seed']}")
+    overrides = [f"data.path={job['store']}", f"data.split=[{tr + va},0.0,{te}]", f"run.seed={job['seed']}",
+                 f"run.dir={run_dir}", "run.progress=false", "run.resume=false", "eval.tasks=[none]",
+                 "eval.tsne=false", f"run.threads={job['threads']}", "train.checkpoint_every=1000000",
+                 *job["overrides"]]
+    cfg = load_config(job["config"], overrides)
+    t0 = time.perf_counter()
+    train(cfg)
+    seconds = time.perf_counter() - t0
+    ckpt = load_checkpoint(Path(run_dir) / "checkpoint.pt")
+    norm = normalizations_from(ckpt["normalization"])
+    rec = open_store(job["store"])
+    model = build_model(cfg, rec.n_units)
+    model.load_state_dict(ckpt["model"])
+    with torch.no_grad():
+        emb = embed(model.encoder, rec, norm)
+    # the read-out rows of the SSL training split = the non-test trials; test rows are never read
+    rows = reach_task_rows(rec, cfg.data.split, cfg.eval.reach_min_speed)["train"]
+    res = reach_cv_readout(emb[rows], rec.labels["target"][rows], rec.trial[rows], n_folds=job["folds"])
+    monitors = {}
+    metrics = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    for key in ("mined_label_agreement_ratio", "loss_mined", "loss_augmented", "embedding_std"):
+        vals = [m[key] for m in metrics if m.get(key) is not None]
+        monitors[key] = vals[-1] if vals else None
+    return {**{k: job[k] for k in ("recording", "candidate", "seed")}, "cv_acc": res["reach_cv_acc"],
+            "cv_delta_acc": res["reach_cv_delta_acc"], "cv_bins": res["reach_cv_bins"],
+            "fold_acc": res["reach_cv_fold_acc"], "seconds": seconds, **monitors}
+
+
+def summarize(runs: list[dict], candidates: list[str], baseline: str, recordings: list[str]) -> dict:
+    by = {(r["recording"], r["candidate"], r["seed"]): r for r in runs}
+    seeds = sorted({r["seed"] for r in runs})
+    out = {}
+    for name in candidates:
+        entry: dict = {}
+        accs = [by[(rec, name, s)]["cv_acc"] for rec in recordings for s in seeds]
+        entry["cv_acc"], entry["cv_acc_std"] = statistics.fmean(accs), (statistics.stdev(accs) if len(accs) > 1 else 0.0)
+        entry["cv_delta_acc"] = statistics.fmean(by[(rec, name, s)]["cv_delta_acc"] for rec in recordings for s in seeds)
+        entry["seconds_per_run"] = statistics.fmean(by[(rec, name, s)]["seconds"] for rec in recordings for s in seeds)
+        agree = [by[(rec, name, s)]["mined_label_agreement_ratio"] for rec in recordings for s in seeds]
+        entry["mined_label_agreement"] = statistics.fmean(agree) if all(a is not None for a in agree) else None
+        entry["per_recording"] = {rec: [round(by[(rec, name, s)]["cv_acc"], 4) for s in seeds] for rec in recordings}
+        if name != baseline:
+            diffs = [by[(rec, name, s)]["cv_acc"] - by[(rec, baseline, s)]["cv_acc"] for rec in recordings for s in seeds]
+            mean, sd, lo, hi = t_interval(diffs)
+            entry["paired_diff"] = {"mean": mean, "std": sd, "ci95": [lo, hi], "n": len(diffs),
+                                    "wins": sum(d > 0 for d in diffs)}
+            entry["paired_diff_per_recording"] = {}
+            for rec in recordings:
+                d = [by[(rec, name, s)]["cv_acc"] - by[(rec, baseline, s)]["cv_acc"] for s in seeds]
+                m, sd_, lo_, hi_ = t_interval(d)
+                entry["paired_diff_per_recording"][rec] = {"mean": m, "ci95": [lo_, hi_]}
+        out[name] = entry
+    return out
+
+
+def markdown(summary: dict, baseline: str) -> str:
+    lines = [f"| candidate | CV acc % (mean +- std) | CV delta-acc % | paired diff vs {baseline} (95% CI) | wins | "
+             "mined label agreement | s/run |", "|---|---|---|---|---|---|---|"]
+    for name, e in summary.items():
+        d = e.get("paired_diff")
+        diff = "-" if d is None else f"{100 * d['mean']:+.2f} [{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}]"
+        wins = "-" if d is None else f"{d['wins']}/{d['n']}"
+        agree = "-" if e["mined_label_agreement"] is None else f"{e['mined_label_agreement']:.2f}"
+        lines.append(f"| {name} | {100 * e['cv_acc']:.2f} +- {100 * e['cv_acc_std']:.2f} | "
+                     f"{100 * e['cv_delta_acc']:.2f} | {diff} | {wins} | {agree} | {e['seconds_per_run']:.0f} |")
+    return "\n".join(lines)
+
+
+def parse_candidates(raw: list[list[str]]) -> list[tuple[str, list[str]]]:
+    out = []
+    for tokens in raw:
+        name, overrides = tokens[0], tokens[1:]
+        if "=" in name:
+            raise SystemExit(f"--candidate {' '.join(tokens)}: the first word is the candidate's name, "
+                             "then KEY=VALUE overrides")
+        out.append((name, overrides))
+    if len({n for n, _ in out}) != len(out):
+        raise SystemExit("--candidate: names must be unique")
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", action="append", default=None, metavar="REC",
+                   help="reach recording: .npz of binned counts or a store URL (repeatable; default Chewie-1)")
+    p.add_argument("--config", default=str(ROOT / "configs" / "reach_myow.yaml"))
+    p.add_argument("--candidate", action="append", nargs="+", metavar="NAME [KEY=VALUE ...]", required=True,
+                   help="a candidate: a name, then --set overrides on top of --config (repeatable)")
+    p.add_argument("--baseline", default=None, help="candidate the others are paired against (default: the first)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--folds", type=int, default=5, help="trial-grouped folds of the read-out")
+    p.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes, 1 torch thread each)")
+    p.add_argument("--set", dest="common", action="append", default=[], metavar="KEY=VALUE",
+                   help="override applied to every candidate")
+    args = p.parse_args()
+    candidates = parse_candidates(args.candidate)
+    baseline = args.baseline or candidates[0][0]
+    if baseline not in {n for n, _ in candidates}:
+        raise SystemExit(f"--baseline {baseline}: not a candidate")
+    data = args.data or [str(CHEWIE)]
+    names = [Path(d.rstrip("/")).stem for d in data]
+    if len(set(names)) != len(names):
+        names = [f"{i}-{n}" for i, n in enumerate(names)]
+    threads = 1 if args.jobs > 1 else 0
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        stores = [prepare_store(d, tmp, i) for i, d in enumerate(data)]
+        jobs = [{"recording": rec, "store": store, "candidate": name, "overrides": [*args.common, *ov],
+                 "seed": seed, "config": args.config, "tmp": tmp, "folds": args.folds, "threads": threads}
+                for seed in args.seeds for rec, store in zip(names, stores) for name, ov in candidates]
+        runs = []
+        with cf.ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
+            for fut in cf.as_completed([pool.submit(run_one, j) for j in jobs]):
+                r = fut.result()
+                runs.append(r)
+                print(f"[{len(runs)}/{len(jobs)}] {r['recording']} {r['candidate']} seed {r['seed']}: "
+                      f"CV acc {100 * r['cv_acc']:.2f}% ({r['seconds']:.0f} s)", file=sys.stderr, flush=True)
+    summary = summarize(runs, [n for n, _ in candidates], baseline, names)
+    print(markdown(summary, baseline), file=sys.stderr)
+    result = {"benchmark": "select", "recordings": names, "seeds": args.seeds, "folds": args.folds,
+              "config": os.path.relpath(args.config, ROOT), "common_overrides": args.common,
+              "candidates": {n: ov for n, ov in candidates}, "baseline": baseline, "summary": summary,
+              "runs": sorted(runs, key=lambda r: (r["recording"], r["candidate"], r["seed"])),
+              "seconds": time.perf_counter() - t0}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""The paper's Fig. 4 (Mouse-CA1 arousal states) in one run; prints one JSON line.
+
+MYOW and BYOL (configs/sleep_myow.yaml and sleep_byol.yaml, the same seeds for both), the
+supervised MLP (configs/sleep_supervised.yaml) and a logistic read-out of the raw rates, on
+the 12-hour mouse CA1 recording split 70/10/20 by time. Every method picks its read-out
+(C and class weighting, or its epoch for the supervised MLP) on the validation split; the
+test split is only reported: accuracy, macro F1 and weighted F1 of the arousal state
+(the authors' code reports weighted F1 with a class-balanced classifier).
+
+For each method: mean and std over seeds, the per-seed values, and for MYOW the paired
+MYOW - BYOL difference of weighted F1 per seed.
+
+Usage: python benchmarks/sleep.py [--seeds 0 1 2] [--jobs 2] [--set key=value ...] [--methods myow byol supervised raw]
+       (--set applies to the MYOW and BYOL runs alike)
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SLEEP = ROOT.parent / "shared" / "data" / "sleep-mouse-ca1-12h" / "mouse-ca1-12h-4s.npz"
+KEYS = ("weighted_f1", "macro_f1", "accuracy", "val_weighted_f1")
+PAPER = {"myow": 93.70, "byol": 93.24, "supervised": 93.01}  # weighted F1 %, paper Fig. 4
+
+
+def run_one(job: dict) -> dict:
+    from pipeline.config import load_config
+    from pipeline.train import set_threads, train
+    from pipeline.supervised import train_supervised
+
+    set_threads(job["threads"])
+    method, seed, store, tmp = job["method"], job["seed"], job["store"], job["tmp"]
+    t0 = time.perf_counter()
+    if method == "raw":
+        res = raw_readout(store)
+    else:
+        overrides = [f"data.path={store}", f"run.seed={seed}", f"run.dir={tmp}/{method}-{seed}", "run.progress=false",
+                     "run.resume=false", f"run.threads={job['threads']}"]
+        if method == "supervised":
+            _, res = train_supervised(load_config(str(ROOT / "configs" / "sleep_supervised.yaml"), overrides))
+        else:
+            cfg = load_config(str(ROOT / "configs" / f"sleep_{method}.yaml"),
+                              [*overrides, "eval.tsne=false", *job["overrides"]])
+            _, res = train(cfg)
+    val_key = "arousal_val_weighted_f1"
+    return {"method": method, "seed": seed, "seconds": time.perf_counter() - t0,
+            **{k: res[k] for k in ("weighted_f1", "macro_f1", "accuracy")}, "val_weighted_f1": res.get(val_key)}
+
+
+def raw_readout(store: str) -> dict:
+    """Logistic regression on z-scored raw rates (train statistics), C and weighting on validation."""
+    import torch
+
+    from pipeline.data import Normalization, load_recording
+    from pipeline.evaluate import classification_readout
+    from pipeline.recording import split_rows
+
+    rec = load_recording(store)
+    y = rec.labels["arousal"]
+    rows = {k: r[y[r] >= 0] for k, r in split_rows(rec.trial, (0.7, 0.1, 0.2)).items()}
+    norm = Normalization.fit(rec.rates[torch.from_numpy(rows["train"])])
+    f = {k: norm(rec.rates[torch.from_numpy(r)]).numpy() for k, r in rows.items()}
+    res = classification_readout(f["train"], y[rows["train"]], f["val"], y[rows["val"]], f["test"], y[rows["test"]])
+    return {**res, "arousal_val_weighted_f1": res["val_weighted_f1"]}
+
+
+def summarize(runs: list[dict]) -> dict:
+    out = {}
+    for key in KEYS:
+        values = [r[key] for r in runs if r[key] is not None]
+        if not values:
+            continue
+        out[key] = round(statistics.fmean(values), 4)
+        out[key + "_std"] = round(statistics.pstdev(values), 4) if len(values) > 1 else 0.0
+        out[key + "_per_seed"] = [round(v, 4) for v in values]
+    out["seconds_per_run"] = round(statistics.fmean(r["seconds"] for r in runs), 1)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--methods", nargs="+", default=["myow", "byol", "supervised", "raw"])
+    p.add_argument("--data", default=str(SLEEP))
+    p.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes, 1 torch thread each)")
+    args = p.parse_args()
+    unknown = set(args.methods) - {"myow", "byol", "supervised", "raw"}
+    if unknown:
+        raise SystemExit(f"unknown method(s) {sorted(unknown)}")
+    threads = 1 if args.jobs > 1 else 0
+    result: dict = {"benchmark": "sleep", "dataset": Path(args.data).stem, "seeds": args.seeds,
+                    "overrides": args.overrides, "paper_weighted_f1": PAPER}
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        from preprocess.bin_spikes import main as bin_main
+
+        store = os.path.join(tmp, "sleep.zarr")
+        if bin_main([args.data, "--out", store, "--no-progress"]) != 0:
+            raise SystemExit("could not build the store")
+        jobs = [{"method": m, "seed": s, "store": store, "tmp": tmp, "threads": threads, "overrides": args.overrides}
+                for s in args.seeds for m in args.methods if not (m == "raw" and s != args.seeds[0])]
+        runs: list[dict] = []
+        with cf.ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
+            for fut in cf.as_completed([pool.submit(run_one, j) for j in jobs]):
+                r = fut.result()
+                runs.append(r)
+                print(f"[{len(runs)}/{len(jobs)}] {r['method']} seed {r['seed']}: weighted F1 "
+                      f"{100 * r['weighted_f1']:.2f}% ({r['seconds']:.0f} s)", file=sys.stderr, flush=True)
+    for method in args.methods:
+        result[method] = summarize(sorted((r for r in runs if r["method"] == method), key=lambda r: r["seed"]))
+    if "myow" in args.methods and "byol" in args.methods:
+        by = {(r["method"], r["seed"]): r for r in runs}
+        diffs = [by[("myow", s)]["weighted_f1"] - by[("byol", s)]["weighted_f1"] for s in args.seeds]
+        result["myow_minus_byol_weighted_f1"] = {"mean": round(statistics.fmean(diffs), 4),
+                                                 "per_seed": [round(d, 4) for d in diffs]}
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    lines = ["| method | weighted F1 % | macro F1 % | accuracy % | paper weighted F1 % |", "|---|---|---|---|---|"]
+    for m in args.methods:
+        e = result[m]
+        lines.append(f"| {m} | {100 * e['weighted_f1']:.2f} +- {100 * e['weighted_f1_std']:.2f} | "
+                     f"{100 * e['macro_f1']:.2f} +- {100 * e['macro_f1_std']:.2f} | "
+                     f"{100 * e['accuracy']:.2f} +- {100 * e['accuracy_std']:.2f} | {PAPER.get(m, '-')} |")
+    print("\n".join(lines), file=sys.stderr)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
