@@ -10,8 +10,13 @@ For each method: mean and standard deviation over seeds of test accuracy and
 delta-accuracy (and of the validation figures, which are what configs may be tuned on),
 the per-seed values and the seconds per run.
 
+Any number of reach recordings (``--data``: .npz of binned counts, or stores; recordings
+may hold only some bins of each trial, e.g. only the moving ones): the figures per
+recording, the paired MYOW - BYOL difference per seed (mean, std, 95% t interval), and
+with several recordings the mean over them.
+
 Usage: python benchmarks/reach.py [--seeds 0 1 2] [--set key=value ...] [--methods myow byol supervised raw]
-       (--set applies to the MYOW and BYOL runs alike)
+       [--data REC.npz|STORE ...]   (--set applies to the MYOW and BYOL runs alike)
 """
 
 from __future__ import annotations
@@ -82,34 +87,72 @@ def run_raw(store: str) -> dict:
     return {**{k: results[k] for k in KEYS}, "seconds": time.perf_counter() - t0}
 
 
+def paired(a: list[dict], b: list[dict], key: str = "reach_acc") -> dict:
+    """Per-seed a - b of ``key`` (the same seeds in the same order), mean, std and 95% t interval."""
+    from scipy import stats
+
+    diffs = [x[key] - y[key] for x, y in zip(a, b)]
+    mean = statistics.fmean(diffs)
+    sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    half = stats.t.ppf(0.975, len(diffs) - 1) * sd / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+    return {"mean": round(mean, 4), "std": round(sd, 4), "ci95": [round(mean - half, 4), round(mean + half, 4)],
+            "per_seed": [round(d, 4) for d in diffs]}
+
+
+def run_recording(path: str, args, tmp: str, index: int) -> dict:
+    from preprocess.bin_spikes import main as bin_main
+
+    store = path
+    if path.endswith(".npz"):
+        store = os.path.join(tmp, f"rec{index}.zarr")
+        if bin_main([path, "--out", store, "--no-progress"]) != 0:
+            raise SystemExit(f"{path}: could not build the store")
+    out: dict = {"data": path}
+    runs = {}
+    for method in args.methods:
+        if method in ("myow", "byol"):
+            runs[method] = [run_ssl(f"reach_{method}.yaml", store, s, args.overrides, f"{tmp}/{index}")
+                            for s in args.seeds]
+        elif method == "supervised":
+            runs[method] = [run_supervised(store, s) for s in args.seeds]
+        elif method == "raw":
+            runs[method] = [run_raw(store)]  # deterministic: one run
+        else:
+            raise SystemExit(f"unknown method {method!r}")
+        out[method] = summarize(runs[method])
+        print(f"{Path(path).name} {method}: " + json.dumps(out[method]), file=sys.stderr)
+    if "myow" in runs and "byol" in runs:
+        out["myow_minus_byol"] = paired(runs["myow"], runs["byol"])
+        out["myow_minus_byol_delta_acc"] = paired(runs["myow"], runs["byol"], "reach_delta_acc")
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--methods", nargs="+", default=["myow", "byol", "supervised", "raw"])
-    p.add_argument("--data", default=str(CHEWIE))
+    p.add_argument("--data", nargs="+", default=[str(CHEWIE)], metavar="REC",
+                   help="reach recordings: .npz of binned counts or store URLs (default: Chewie-1)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     set_threads(0)
-    result: dict = {"benchmark": "reach", "dataset": "chewie-2013-10-03", "seeds": args.seeds,
+    result: dict = {"benchmark": "reach", "recordings": [Path(d).name for d in args.data], "seeds": args.seeds,
                     "overrides": args.overrides}
     with tempfile.TemporaryDirectory() as tmp:
-        from preprocess.bin_spikes import main as bin_main
-
-        store = os.path.join(tmp, "chewie.zarr")
-        if bin_main([args.data, "--out", store, "--no-progress"]) != 0:
-            raise SystemExit("could not build the store")
+        per = [run_recording(d, args, tmp, i) for i, d in enumerate(args.data)]
+    if len(per) == 1:
+        result.update({k: v for k, v in per[0].items() if k != "data"})
+        result["dataset"] = Path(args.data[0]).stem
+    else:
+        result["per_recording"] = per
+        mean = {}
         for method in args.methods:
-            if method in ("myow", "byol"):
-                runs = [run_ssl(f"reach_{method}.yaml", store, s, args.overrides, tmp) for s in args.seeds]
-            elif method == "supervised":
-                runs = [run_supervised(store, s) for s in args.seeds]
-            elif method == "raw":
-                runs = [run_raw(store)]  # deterministic: one run
-            else:
-                raise SystemExit(f"unknown method {method!r}")
-            result[method] = summarize(runs)
-            print(f"{method}: " + json.dumps(result[method]), file=sys.stderr)
+            for key in ("reach_acc", "reach_delta_acc"):
+                mean.setdefault(method, {})[key] = round(statistics.fmean(r[method][key] for r in per), 4)
+        if "myow" in args.methods and "byol" in args.methods:
+            mean["myow_minus_byol"] = round(statistics.fmean(r["myow_minus_byol"]["mean"] for r in per), 4)
+        result["mean_over_recordings"] = mean
     print(json.dumps(result))
 
 

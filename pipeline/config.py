@@ -39,7 +39,7 @@ IMAGE_ENCODERS = ("convnet", "resnet18", "resnet50")  # model/encoders.py; "mlp"
 ENCODERS = ("mlp", *IMAGE_ENCODERS)
 # the view transform sets of pipeline.images.TRANSFORM_SETS (kept in step by a test; listed
 # here so that reading a config never imports torch)
-TRANSFORMS = ("cifar", "imagenet", "mnist", "mnist-all")
+TRANSFORMS = ("cifar", "imagenet", "mnist", "mnist-all", "dsprites")
 IMAGE_SELECTIONS = ("train", "val", "test")
 ARCHITECTURES = ("cascaded", "parallel", "single")
 MINING_VIEWS = ("separate", "anchor")
@@ -140,6 +140,9 @@ class MethodConfig:
     # The candidates' representation: "target" y' = f'(x) (paper, cheaper) or "online"
     # y = f(x) without gradient (paper App. F, Table S2).
     mining_space: str = "target"
+    # T_m, the augmentation of the mining inputs (the anchors' separate mining view and the
+    # candidates): true = T (paper, neural data); false = none (the normalised rates).
+    mining_augment: bool = True
     # DIAGNOSTIC ONLY, never a method: mine only among candidates with the anchor's label
     # (labels are otherwise never used for training). benchmarks/mining_diagnosis.py.
     oracle: bool = False

@@ -187,6 +187,17 @@ class Augmenter:
         return x.sub_(self.mean).mul_(self.inv_std)
 
 
+def no_augmentation(norm: Normalization) -> Augmenter:
+    """T_m = identity: an Augmenter that only normalises (``method.mining_augment: false``)."""
+    return Augmenter(AugmentConfig(dropout_max=0.0, noise_std=0.0, pepper_p=0.0), norm)
+
+
+def mining_input(augment: Augmenter, mining_augment: Augmenter, rates: torch.Tensor, generator: torch.Generator,
+                 drop) -> torch.Tensor:
+    """x_m = t_m(s): with T_m = T the views' dropout mask (structured dropout) is shared."""
+    return augment(rates, generator, drop) if mining_augment is augment else mining_augment(rates, generator, None)
+
+
 # --------------------------------------------------------------------------- training samples
 
 
@@ -243,11 +254,13 @@ class AnchorSampler:
     """
 
     def __init__(self, samples: Samples, augment: Augmenter, batch_size: int, seed: int, *, order_seed: int,
-                 rank: int = 0, world_size: int = 1, structured: bool = False, mining_view: bool = True):
+                 rank: int = 0, world_size: int = 1, structured: bool = False, mining_view: bool = True,
+                 mining_augment: Augmenter | None = None):
         n = len(samples)
         if n < world_size:
             raise UserError(f"{n} training samples cannot be shared by {world_size} ranks")
         self.samples, self.augment, self.structured, self.mining_view = samples, augment, structured, mining_view
+        self.mining_augment = mining_augment or augment  # T_m of x_m
         self.cursor = EpochCursor(n, batch_size, order_seed, rank, world_size)
         self.batch_size, self.steps_per_epoch = self.cursor.batch_size, self.cursor.steps_per_epoch
         self.generator = torch.Generator().manual_seed(seed)
@@ -268,7 +281,7 @@ class AnchorSampler:
         drop = self.augment.dropout_mask(*rates.shape, g) if self.structured else True
         x1 = self.augment(rates, g, drop)
         x2 = self.augment(s.rates.index_select(0, positive), g, drop)
-        x_m = self.augment(rates, g, drop) if self.mining_view else None
+        x_m = mining_input(self.augment, self.mining_augment, rates, g, drop) if self.mining_view else None
         return x1, x2, x_m, _take_meta(s.meta, anchor)
 
     def state_dict(self) -> dict:
@@ -565,9 +578,11 @@ def _build_session(cfg: Config, rec: Recording, normalization: Normalization | N
         samples = training_samples(rec, np.flatnonzero(mask), d.jitter_max_bins)
         normalization = normalization or Normalization.fit(samples.rates)
         augment = Augmenter(cfg.augment, normalization)
+        mining_augment = augment if cfg.method.mining_augment else no_augmentation(normalization)
         anchors = AnchorSampler(samples, augment, B, anchor_seed, order_seed=order_seed, rank=rank,
-                                world_size=world_size, structured=cfg.augment.structured, mining_view=mining_view)
-        pool = PoolSampler(samples, augment, cfg.method.pool_size, pool_seed)
+                                world_size=world_size, structured=cfg.augment.structured, mining_view=mining_view,
+                                mining_augment=mining_augment)
+        pool = PoolSampler(samples, mining_augment, cfg.method.pool_size, pool_seed)
     else:
         release_freed_blocks()
         settings = StreamSettings(default_block_rows(rec, d.block_rows), d.shuffle_buffer_rows,
@@ -575,10 +590,12 @@ def _build_session(cfg: Config, rec: Recording, normalization: Normalization | N
         if normalization is None:
             normalization = Normalization.from_stats(*fit_normalization_stats(rec, mask, settings, progress))
         augment = Augmenter(cfg.augment, normalization)
+        mining_augment = augment if cfg.method.mining_augment else no_augmentation(normalization)
         anchors = BlockAnchorStream(rec, mask, augment, B, settings, seed=anchor_seed, order_seed=order_seed,
                                     jitter_max_bins=d.jitter_max_bins, rank=rank, world_size=world_size,
-                                    structured=cfg.augment.structured, mining_view=mining_view)
-        pool = BlockPoolStream(rec, mask, augment, cfg.method.pool_size, settings, seed=pool_seed,
+                                    structured=cfg.augment.structured, mining_view=mining_view,
+                                    mining_augment=mining_augment)
+        pool = BlockPoolStream(rec, mask, mining_augment, cfg.method.pool_size, settings, seed=pool_seed,
                                order_seed=derive_seed(seed, 5, rank, sid))
     gap = d.min_time_gap_s
     if gap is None:

@@ -160,6 +160,9 @@ TRANSFORM_SETS: dict[str, tuple[ViewSpec, ViewSpec, str]] = {
     "imagenet": (ViewSpec(), ViewSpec(crop_scale=(0.8, 1.0), jitter=None, jitter_p=0.0, gray_p=0.0), "imagenet"),
     "mnist": (ViewSpec(**_CROP_ONLY), ViewSpec(crop_scale=(0.8, 1.0), **_CROP_ONLY), "mnist"),
     "mnist-all": (ViewSpec(), ViewSpec(crop_scale=(0.8, 1.0), **_CROP_ONLY), "mnist"),
+    # dSprites (paper App. I): binary shapes that fill a small part of the image, so the crops
+    # keep at least half of it (a 0.2 crop would often miss the shape)
+    "dsprites": (ViewSpec(crop_scale=(0.5, 1.0), **_CROP_ONLY), ViewSpec(crop_scale=(0.8, 1.0), **_CROP_ONLY), "mnist"),
 }
 
 NORMALIZATION_PRESETS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {

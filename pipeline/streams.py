@@ -189,10 +189,11 @@ class BlockAnchorStream(_BlockStream):
 
     def __init__(self, rec: Recording, is_sample: np.ndarray, augment, batch_size: int, settings: StreamSettings,
                  *, seed: int, order_seed: int, jitter_max_bins: int, rank: int = 0, world_size: int = 1,
-                 structured: bool = False, mining_view: bool = True):
+                 structured: bool = False, mining_view: bool = True, mining_augment=None):
         super().__init__(rec, is_sample, settings, seed=seed, order_seed=order_seed, rank=rank,
                          world_size=world_size, shard=True, name="anchor")
         self.augment, self.structured, self.mining_view = augment, structured, mining_view
+        self.mining_augment = mining_augment or augment  # T_m of x_m
         self.halo = int(jitter_max_bins)
         self.batch_size = int(batch_size)
         self.steps_per_epoch = max(1, self.n_samples // (self.batch_size * world_size))
@@ -227,7 +228,12 @@ class BlockAnchorStream(_BlockStream):
         drop = self.augment.dropout_mask(*anchor.shape, g) if self.structured else True
         x1 = self.augment(anchor, g, drop)
         x2 = self.augment(positive, g, drop)
-        x_m = self.augment(anchor, g, drop) if self.mining_view else None
+        if not self.mining_view:
+            x_m = None
+        elif self.mining_augment is self.augment:  # T_m = T: the views' (structured) dropout mask is shared
+            x_m = self.augment(anchor, g, drop)
+        else:
+            x_m = self.mining_augment(anchor, g, None)
         return x1, x2, x_m, self.rec.meta(got["row"])
 
     def _buffer_state(self) -> dict:
