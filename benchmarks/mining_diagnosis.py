@@ -47,12 +47,15 @@ KS = (1, 5, 20, 100)
 
 
 @torch.no_grad()
-def diagnose(model, anchors, pool, ks=KS) -> dict:
-    """Mining statistics of one anchor batch against one pool (see the module docstring)."""
+def diagnose(model, anchors, pool, ks=KS, context=None) -> dict:
+    """Mining statistics of one anchor batch against one pool (see the module docstring);
+    with a MiningContext the search uses its context averages, as the step does."""
     x1, _, _, meta = anchors
     x_pool, pmeta = pool
-    y = F.normalize(model.encoder(x1), dim=1)
-    yp = F.normalize(model.target_representation(x_pool), dim=1)
+    y, yp = model.encoder(x1), model.target_representation(x_pool)
+    if context is not None:
+        y, yp = context.smooth(meta["row"], y), context.smooth(pmeta["row"], yp)
+    y, yp = F.normalize(y, dim=1), F.normalize(yp, dim=1)
     sim = y @ yp.T  # (B, L)
     excluded = exclusion_mask(meta["trial"], pmeta["trial"])
     la, lp = meta["label"], pmeta["label"]
@@ -120,9 +123,10 @@ def main() -> None:
         for step in range(plan.total_steps):
             anchors = next(s0.anchors)
             pool = next(s0.pool) if schedules(step, cfg, plan)[2] > 0 else None
-            out = train_step(model, opt, anchors, pool, step, cfg, gen, plan=plan)
+            out = train_step(model, opt, anchors, pool, step, cfg, gen, plan=plan, context=s0.mining_context)
             if step + 1 in at:
-                d = diagnose(model, next(diag.sessions[0].anchors), next(diag.sessions[0].pool))
+                d = diagnose(model, next(diag.sessions[0].anchors), next(diag.sessions[0].pool),
+                             context=s0.mining_context)
                 d.update(step=step + 1, loss_mined=out["loss_mined"], loss_augmented=out["loss_augmented"],
                          mined_label_agreement_ratio=out["mined_label_agreement_ratio"])
                 rows.append(d)
@@ -139,7 +143,7 @@ def main() -> None:
                 metas.append(m)
             x = torch.cat(parts)[:size]
             m = {k: torch.cat([mm[k] for mm in metas])[:size] for k in metas[0]}
-            d = diagnose(model, anchors, (x, m), ks=(5,))
+            d = diagnose(model, anchors, (x, m), ks=(5,), context=s0.mining_context)
             by_pool[size] = {"agree@5": d["agree@5"], "angle@5": d["angle@5"], "cos@5": d["cos@5"]}
         data.close()
         diag.close()

@@ -143,6 +143,10 @@ class MethodConfig:
     # T_m, the augmentation of the mining inputs (the anchors' separate mining view and the
     # candidates): true = T (paper, neural data); false = none (the normalised rates).
     mining_augment: bool = True
+    # Mining by temporal context: the k-NN search compares representations averaged over
+    # each sample's +-W within-trial neighbours (a bank of target representations; see
+    # pipeline/context.py). 0 = single bins (paper). Sessions must be held in memory.
+    mining_context_bins: int = 0
     # DIAGNOSTIC ONLY, never a method: mine only among candidates with the anchor's label
     # (labels are otherwise never used for training). benchmarks/mining_diagnosis.py.
     oracle: bool = False
@@ -294,6 +298,7 @@ class Config:
         need(me.mining_ramp_epochs >= 0, "method.mining_ramp_epochs", "must be >= 0")
         need(me.mining_view in MINING_VIEWS, "method.mining_view", f"must be one of {', '.join(MINING_VIEWS)}")
         need(me.pool in POOLS, "method.pool", f"must be one of {', '.join(POOLS)}")
+        need(0 <= me.mining_context_bins <= 64, "method.mining_context_bins", "must be 0..64")
         need(me.mining_space in MINING_SPACES, "method.mining_space", f"must be one of {', '.join(MINING_SPACES)}")
         need(o.name in OPTIMIZERS, "optim.name", f"must be one of {', '.join(OPTIMIZERS)}, got {o.name!r}")
         need(o.lr > 0, "optim.lr", "must be > 0")

@@ -41,6 +41,7 @@ from preprocess.store import filesystem, join_url
 
 from .config import AugmentConfig, Config
 from .recording import SPLITS, Recording, hand_speed, load_recording, open_store, split_rows
+from .context import MiningContext
 from .jitter import draw_positives, jitter_table
 from .stages import EpochCursor, Prefetcher, derive_seed
 from .streams import (BlockAnchorStream, BlockPoolStream, StreamSettings, default_block_rows, fit_normalization_stats,
@@ -349,6 +350,7 @@ class SessionData:
     min_time_gap_s: float  # resolved mining time-exclusion window
     n_samples: int  # SSL training samples
     samples: Samples | None = None  # the SSL training samples, when held in memory
+    mining_context: MiningContext | None = None  # method.mining_context_bins > 0
 
     @property
     def streamed(self) -> bool:
@@ -429,8 +431,13 @@ class TrainData:
         return sum(s.anchors.wait_seconds + s.pool.wait_seconds for s in self.sessions)
 
     def state_dict(self) -> dict:
-        return {"sessions": [{"anchors": s.anchors.state_dict(), "pool": s.pool.state_dict()}
-                             for s in self.sessions]}
+        states = []
+        for s in self.sessions:
+            state = {"anchors": s.anchors.state_dict(), "pool": s.pool.state_dict()}
+            if s.mining_context is not None:
+                state["mining_context"] = s.mining_context.state_dict()
+            states.append(state)
+        return {"sessions": states}
 
     def load_state_dict(self, state: dict) -> None:
         states = state.get("sessions", [state])
@@ -440,6 +447,8 @@ class TrainData:
         for session, st in zip(self.sessions, states):
             session.anchors.load_state_dict(st["anchors"])
             session.pool.load_state_dict(st["pool"])
+            if session.mining_context is not None and "mining_context" in st:
+                session.mining_context.load_state_dict(st["mining_context"])
 
     def close(self) -> None:
         for session in self.sessions:
@@ -597,6 +606,14 @@ def _build_session(cfg: Config, rec: Recording, normalization: Normalization | N
                                     mining_augment=mining_augment)
         pool = BlockPoolStream(rec, mask, mining_augment, cfg.method.pool_size, settings, seed=pool_seed,
                                order_seed=derive_seed(seed, 5, rank, sid))
+    context = None
+    if cfg.effective_mining_weight > 0 and cfg.method.mining_context_bins > 0:
+        if samples is None:
+            raise UserError(f"{rec.url}: method.mining_context_bins needs the training samples in memory "
+                            "(its bank holds one representation per sample); set data.loading=memory if they fit, "
+                            "or method.mining_context_bins=0")
+        context = MiningContext(samples.rows, rec.trial, rec.bin_start_s, rec.bin_size_s,
+                                cfg.method.mining_context_bins, cfg.model.out_dim)
     gap = d.min_time_gap_s
     if gap is None:
         gap = 0.0 if rec.has_trials else (d.jitter_max_bins + 1) * rec.bin_size_s
@@ -605,4 +622,4 @@ def _build_session(cfg: Config, rec: Recording, normalization: Normalization | N
              len(splits["train"]), len(splits["val"]), len(splits["test"]), n_samples, anchors.steps_per_epoch)
     depth = d.prefetch_batches
     return SessionData(rec, splits, normalization, Prefetcher(anchors, depth, "anchors"),
-                       Prefetcher(pool, depth, "pool"), float(gap), n_samples, samples)
+                       Prefetcher(pool, depth, "pool"), float(gap), n_samples, samples, context)

@@ -60,6 +60,7 @@ from .build import build_model, build_optimizer, uses_channels_last
 from .checkpoint import CHECKPOINT_NAME, atomic_write_text, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .cli import OneLineParser, to_json
 from .config import Config, config_to_dict, dump_config, load_config
+from .context import MiningContext
 from .distributed import (DistEnv, all_gather_pool, all_reduce_mean, barrier, broadcast_object, configure_rank_logging,
                           gather_object, init_distributed, shutdown, wrap_ddp)
 from .data import TrainData, build_train_data, data_kind, derive_seed
@@ -152,7 +153,7 @@ def mining_stats(idx: torch.Tensor, meta: Meta, pool_meta: Meta, pool_size: int)
 def train_step(model: MYOW | nn.Module, optimizer: torch.optim.Optimizer,
                anchors: tuple[torch.Tensor, torch.Tensor, torch.Tensor, Meta],
                pool: tuple[torch.Tensor, Meta] | None, step: int, cfg: Config, generator: torch.Generator,
-               *, plan: Plan, gather: Gather = identity_gather) -> dict:
+               *, plan: Plan, gather: Gather = identity_gather, context: MiningContext | None = None) -> dict:
     """One MYOW/BYOL optimizer step (paper Algorithm 1).
 
     Args:
@@ -169,6 +170,8 @@ def train_step(model: MYOW | nn.Module, optimizer: torch.optim.Optimizer,
         plan: resolved step counts (:class:`Plan`).
         gather: all-gathers pool representations + metadata across ranks
             (:func:`pipeline.distributed.all_gather_pool`; identity in one process).
+        context: the session's :class:`~pipeline.context.MiningContext` (mining by temporal
+            context), or None (the k-NN search compares single bins).
 
     Returns:
         floats: loss_augmented, loss_mined, loss_total, mining_weight, learning_rate,
@@ -205,7 +208,12 @@ def train_step(model: MYOW | nn.Module, optimizer: torch.optim.Optimizer,
                                  plan.min_time_gap_s, *stores)  # (B, world_size * L) bool, True = not allowed
         if method.oracle:  # diagnostic only: candidates of another label are not allowed
             exclude = exclude | (meta["label"][:, None] != pool_meta["label"][None, :])
-        idx = mine_views(y_m.detach(), pool_y, cfg.method.k, generator, exclude)  # (B,), -1 = none
+        if context is None:
+            idx = mine_views(y_m.detach(), pool_y, cfg.method.k, generator, exclude)  # (B,), -1 = none
+        else:  # search on +-W-bin context averages; the mined view itself stays one bin
+            idx = mine_views(context.smooth(meta["row"], y_m), context.smooth(pool_meta["row"], pool_y),
+                             cfg.method.k, generator, exclude)
+            context.update(pool_meta["row"], pool_y)
         loss_mined = model(y_m, pool_y, idx, mode="mined_loss")
         stats = mining_stats(idx, meta, pool_meta, pool_y.shape[0])
     else:
@@ -462,7 +470,7 @@ def train(cfg: Config, data: TrainData | None = None, env: DistEnv | None = None
                 set_session(model, session)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.run.amp):
                     out = train_step(net, optimizer, anchors, pool, step, cfg, mining_gen, plan=plans[session],
-                                     gather=gather)
+                                     gather=gather, context=getattr(stream, "mining_context", None))
                 t2 = time.perf_counter()
                 done = step + 1
                 samples += anchors[0].shape[0] * env.world_size

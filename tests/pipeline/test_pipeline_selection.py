@@ -126,3 +126,47 @@ def test_bad_mining_option_values_are_named():
         load_config(None, ["method.pool=everything"])
     with pytest.raises(ConfigError, match="method.mining_space"):
         load_config(None, ["method.mining_space=latent"])
+
+
+# --------------------------------------------------------------------------- mining by temporal context
+
+
+def test_mining_context_averages_within_trial_neighbours_only():
+    from pipeline.context import MiningContext
+
+    rows = np.array([0, 1, 2, 3, 5, 6])  # row 4 is not a training sample (a gap)
+    trial = np.array([0, 0, 0, 1, 1, 1, 1])
+    times = np.arange(7) * 0.1
+    ctx = MiningContext(rows, trial, times, 0.1, window=1, dim=2)
+    y = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    # nothing banked yet: the context of a sample is its own unit-norm representation
+    assert torch.allclose(ctx.smooth(torch.tensor([1, 3]), y), torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    bank = torch.tensor([[1.0, 0], [0, 1.0], [1.0, 0], [0, 1.0], [1.0, 0], [0, 1.0]])
+    ctx.update(torch.from_numpy(rows), bank * 3)
+    got = ctx.smooth(torch.tensor([1, 2, 3, 5]), torch.tensor([[1.0, 0], [1.0, 0], [1.0, 0], [1.0, 0]]))
+    # row 1: itself + rows 0, 2 (trial 0); row 2: itself + row 1 (row 3 is trial 1);
+    # row 3: itself only (row 2 another trial, row 4 no sample); row 5: itself + row 6 (row 4 missing)
+    expect = torch.tensor([[3 / 3, 0], [1 / 2, 1 / 2], [1.0, 0], [1 / 2, 1 / 2]])
+    assert torch.allclose(got, expect)
+    state = ctx.state_dict()
+    other = MiningContext(rows, trial, times, 0.1, window=1, dim=2)
+    other.load_state_dict(state)
+    assert torch.equal(other.bank, ctx.bank) and torch.equal(other.filled, ctx.filled)
+
+
+def test_mining_context_run_resumes_exactly(tmp_path):
+    from pipeline.checkpoint import load_checkpoint
+    from pipeline_helpers import train_killed_at_fetch
+
+    store = make_store(tmp_path, "c")
+    extra = {"method.mining_context_bins": 2}
+    full = tmp_path / "full"
+    train(load_config(None, tiny_overrides(store, full, steps=16, **extra)))
+    cut = tmp_path / "cut"
+    cfg = load_config(None, tiny_overrides(store, cut, steps=16, **extra, **{"train.checkpoint_every": 8}))
+    train_killed_at_fetch(cfg, fetch=12)
+    assert load_checkpoint(cut / "checkpoint.pt")["data"][0]["sessions"][0]["mining_context"]["filled"].any()
+    train(cfg)
+    read = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert [(r["loss_total"], r["mined_label_agreement_ratio"]) for r in read(cut)] == \
+        [(r["loss_total"], r["mined_label_agreement_ratio"]) for r in read(full)]
