@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import time
 from fractions import Fraction
@@ -30,6 +31,7 @@ from .store import COUNTS_COMPRESSOR, StoreLayout, StoreWriter, count_dtype, joi
 log = logging.getLogger("preprocess.bin_spikes")
 PROG = "python -m preprocess.bin_spikes"
 LOCAL_SCHEDULERS = ("threads", "processes", "synchronous")
+MAX_WORKERS = 1024
 PROCESSES_FROM_BLOCKS = 8  # below this many blocks, starting worker processes costs more than it saves
 
 
@@ -49,13 +51,21 @@ def build_parser() -> argparse.ArgumentParser:
                "  python -m preprocess.bin_spikes binned.npz --out binned.zarr\n"
                "Units: --units good keeps clusters labelled good; mua keeps good and mua; all keeps every "
                "cluster with spikes (noise and unlabelled too). Spike times must be sorted (Kilosort writes "
-               "them sorted); unsorted input is refused, not silently sorted.",
+               "them sorted); unsorted input is refused, not silently sorted.\n"
+               f"Bounds: at most --max-bins bins (default {sources.DEFAULT_MAX_BINS}) and {sources.MAX_UNITS} units "
+               "(distinct cluster ids); a bin size of at least one sample period; counts up to 2**32-1; trial "
+               "labels that fit int32. Larger inputs are refused before anything is allocated.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("source", metavar="SOURCE", help="Phy/Kilosort folder, .nwb file or binned .npz (path or URL)")
     p.add_argument("--out", required=True, metavar="URL", help="where to write the store (path, memory://, s3://...)")
     p.add_argument("--format", choices=("phy", "nwb", "npz"), help="force the source format (default: detect)")
-    p.add_argument("--bin-size", metavar="SECONDS", help="bin size in seconds (default 0.1; an .npz uses its own)")
+    p.add_argument("--bin-size", metavar="SECONDS",
+                   help="bin size in seconds (default 0.1; an .npz uses its own); at least one sample period "
+                        "when the sample rate is known")
+    p.add_argument("--max-bins", metavar="N", default=str(sources.DEFAULT_MAX_BINS),
+                   help=f"refuse outputs of more than N bins (rows), before allocating anything "
+                        f"(default {sources.DEFAULT_MAX_BINS} = 2**31)")
     p.add_argument("--units", choices=tuple(sources.UNIT_SELECTIONS), default="good",
                    help="which sorted units to keep (default: good)")
     p.add_argument("--trials", metavar="TABLE.tsv",
@@ -69,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "from its workers), or a local one: processes, threads, synchronous; default auto: "
                         "processes (spawned, so fsspec stays safe) for large local or object-storage outputs, "
                         "threads otherwise")
-    p.add_argument("--workers", type=int, default=None, help="local dask workers (default: CPU count)")
+    p.add_argument("--workers", metavar="N", default=None,
+                   help=f"local dask workers, 1 to {MAX_WORKERS} (default: CPU count)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
@@ -78,13 +89,38 @@ def build_parser() -> argparse.ArgumentParser:
 def _positive_fraction(text: str | None, option: str) -> Fraction | None:
     if text is None:
         return None
+    exponent = re.search(r"[eE]\s*([-+]?\d+)", text)
+    if len(text) > 100 or (exponent and abs(int(exponent.group(1))) > 400):  # Fraction would compute 10**exp
+        raise UsageError(f"{option} {text:.40}: out of range or too many digits; give a decimal number with at "
+                         "most 18 significant digits")
     try:
-        value = binning.to_fraction(text)
-    except (ValueError, ZeroDivisionError):
-        raise UsageError(f"{option} {text!r}: not a number")
+        value = binning.to_fraction(text.strip())
+    except (ValueError, ZeroDivisionError, OverflowError):
+        raise UsageError(f"{option} {text!r:.40}: not a number")
     if value <= 0:
-        raise UsageError(f"{option} {text}: must be > 0")
+        raise UsageError(f"{option} {text:.40}: must be > 0")
+    if not sources.exact_number(value):
+        raise UsageError(f"{option} {text:.40}: out of range or too many digits; give a decimal number with at "
+                         "most 18 significant digits")
     return value
+
+
+def _int_option(text: str | None, option: str, low: int, high: int) -> int | None:
+    if text is None:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"{option} {text!r:.40}: not an integer")
+    if not low <= value <= high:
+        raise UsageError(f"{option} {value}: must be between {low} and {high}")
+    return value
+
+
+def _check_scheduler(scheduler: str) -> None:
+    if scheduler not in ("auto", *LOCAL_SCHEDULERS) and "://" not in scheduler:
+        raise UsageError(f"--scheduler {scheduler!r:.60}: expected auto, {', '.join(LOCAL_SCHEDULERS)} or a "
+                         "dask.distributed address such as tcp://host:8786")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     bin_size = _positive_fraction(args.bin_size, "--bin-size")
     sample_rate = _positive_fraction(args.sample_rate, "--sample-rate")
+    max_bins = _int_option(args.max_bins, "--max-bins", 1, 2**62)
+    workers = _int_option(args.workers, "--workers", 1, MAX_WORKERS)
+    _check_scheduler(args.scheduler)
     try:
         storage_options = json.loads(args.storage_options)
         if not isinstance(storage_options, dict):
@@ -103,9 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     with sources.LocalCopy(args.source, storage_options) as local:
         if args.format and not sources.filesystem(local)[0].exists(local):
             raise UserError(f"{args.source}: no such file or directory")
-        rec = sources.read_source(args.source, fmt, local, bin_size, args.units, sample_rate, args.trials)
+        rec = sources.read_source(args.source, fmt, local, bin_size, args.units, sample_rate, args.trials,
+                                  max_bins)
         summary = write_recording(rec, args.out, storage_options, args.overwrite, args.scheduler,
-                                  args.workers, progress=not args.no_progress)
+                                  workers, progress=not args.no_progress)
     seconds = time.perf_counter() - started
     summary["seconds"] = round(seconds, 3)
     print(f"wrote {args.out}: {rec.n_rows} bins x {rec.n_units} units of {float(rec.bin_size)} s, "
@@ -168,6 +208,9 @@ def run_tasks(tasks: list, scheduler: str, workers: int | None, progress: bool, 
             client = Client(scheduler, timeout="5s")
         except (OSError, TimeoutError) as err:
             raise UserError(f"--scheduler {scheduler}: cannot connect to the dask scheduler ({err})")
+        except (ValueError, TypeError) as err:
+            raise UsageError(f"--scheduler {scheduler!r:.60}: not a dask.distributed address ({err}); "
+                             "give one such as tcp://host:8786")
         with client:
             futures = client.compute(tasks)
             for _ in as_completed(futures):
@@ -195,6 +238,15 @@ def write_recording(rec: sources.Recording, out: str, storage_options: dict, ove
         scheduler = "processes" if on_disk and len(layout.blocks()) >= PROCESSES_FROM_BLOCKS else "threads"
     dtype = count_dtype(rec.max_count_bound)
     pieces = sources.hash_pieces(rec.files)
+    try:
+        return _write_store(rec, out, storage_options, overwrite, scheduler, workers, progress, layout, dtype, pieces)
+    except OSError as err:  # disk full, permissions, a file system that refuses the writes (/proc, ...)
+        raise UserError(f"--out {out}: writing the store failed ({type(err).__name__}: {err}); "
+                        "check the location, its permissions and free space") from None
+
+
+def _write_store(rec: sources.Recording, out: str, storage_options: dict, overwrite: bool, scheduler: str,
+                 workers: int | None, progress: bool, layout: StoreLayout, dtype: np.dtype, pieces: list) -> dict:
     with StoreWriter(out, storage_options, overwrite) as writer:
         while True:
             create_arrays(writer, rec, layout, dtype)

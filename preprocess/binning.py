@@ -14,7 +14,7 @@ from fractions import Fraction
 
 import numpy as np
 
-_INT64_SAFE = 2**62
+INT64_SAFE = _INT64_SAFE = 2**62  # sample index x bin-size denominator must stay below this
 
 
 def to_fraction(value: str | float | int | Fraction) -> Fraction:

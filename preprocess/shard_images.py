@@ -87,6 +87,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 MAX_SHARD_BYTES = float("inf")
 IDX_FILE = re.compile(r"(?:.+[-_.])?(train|t10k|test)-(images|labels)[-.]idx([13])-ubyte(\.gz)?")
 IDX_CHUNK = 1024  # images decoded per read from an idx stream
+IDX_CHUNK_BYTES = 64 << 20  # ... and at most this many bytes per read
+IDX_MAX_SIDE = 4096  # largest idx image side accepted (MNIST is 28): a damaged header is refused
+READ_BYTES = 16 << 20  # reads are cut into pieces: a header announcing more than the file holds costs nothing
 CIFAR_FOLDERS = ("cifar-10-batches-py", "cifar-100-python")
 CIFAR_SIDE = 32
 OUR_INDEX = re.compile(rf"(?:(?:{'|'.join(SPLITS)})/)?index\.json")  # where this command writes indexes
@@ -263,6 +266,10 @@ def mnist_sets(fs, path: str, source: str) -> list[ImageSet]:
                             "missing; add it to the folder")
         images, labels = f"{path}/{names['images']}", f"{path}/{names['labels']}"
         shape = _idx_header(fs, images, 3)
+        if not (1 <= shape[1] <= IDX_MAX_SIDE and 1 <= shape[2] <= IDX_MAX_SIDE):
+            raise UserError(f"{images}: its header announces images of {shape[1]}x{shape[2]} pixels; expected "
+                            f"1x1 to {IDX_MAX_SIDE}x{IDX_MAX_SIDE} (MNIST is 28x28): the file is damaged, "
+                            "download it again")
         label_values = _read_idx_labels(fs, labels)
         if len(label_values) != shape[0]:
             raise UserError(f"{labels}: {len(label_values)} labels for {shape[0]} images in {images}; "
@@ -282,10 +289,16 @@ def _open_idx(fs, path: str):
 
 
 def _read_exact(stream, n: int, path: str) -> bytes:
-    data = stream.read(n)
-    if len(data) != n:
-        raise UserError(f"{path}: truncated (ends {n - len(data)} bytes early); download it again")
-    return data
+    pieces, left = [], n
+    while left > 0:
+        piece = stream.read(min(left, READ_BYTES))
+        if not piece:
+            break
+        pieces.append(piece)
+        left -= len(piece)
+    if left:
+        raise UserError(f"{path}: truncated (ends {left} bytes early); download it again")
+    return b"".join(pieces)
 
 
 def _read_header(stream, path: str, dims: int) -> tuple[int, ...]:
@@ -325,8 +338,9 @@ def _mnist_samples(fs, path: str, shape: tuple[int, int, int], labels: np.ndarra
     def samples() -> Iterator[Sample]:
         with _idx_errors(path), _open_idx(fs, path) as stream:
             _read_header(stream, path, 3)
-            for start in range(0, n, IDX_CHUNK):
-                k = min(IDX_CHUNK, n - start)
+            per_read = max(1, min(IDX_CHUNK, IDX_CHUNK_BYTES // (rows * cols)))
+            for start in range(0, n, per_read):
+                k = min(per_read, n - start)
                 pixels = np.frombuffer(_read_exact(stream, k * rows * cols, path), np.uint8).reshape(k, rows, cols)
                 for j in range(k):
                     yield _png(pixels[j]), "png", int(labels[start + j])
@@ -415,7 +429,16 @@ def cifar_sets(fs, path: str, source: str) -> list[ImageSet]:
         names = load_cifar_pickle(fs, f"{path}/{meta}").get(names_key)
         if not isinstance(names, list) or len(names) != variant:
             raise UserError(f"{path}/{meta}: '{names_key}' is not a list of {variant} class names")
-        classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+        classes = []
+        for i, name in enumerate(names):
+            if isinstance(name, bytes):
+                try:
+                    name = name.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise UserError(f"{path}/{meta}: '{names_key}'[{i}] is {name[:40]!r}, not UTF-8 text; "
+                                    "fix the class names in the meta file (or remove it: classes are then "
+                                    "numbered)") from None
+            classes.append(str(name))
     return [ImageSet(split, "cifar", source, classes, "RGB", None,
                      _cifar_samples(fs, [f"{path}/{b}" for b in batches], label_key, variant))
             for split, batches in parts.items() if batches]

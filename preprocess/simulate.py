@@ -32,6 +32,7 @@ file with :func:`write_nwb`, or both from the command line::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import shutil
@@ -41,11 +42,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import UsageError, UserError, run_cli
+from .errors import OneLineParser, UsageError, UserError, run_cli
 
 PROG = "python -m preprocess.simulate"
 N_TARGETS = 8
 QUALITIES = ("good", "mua", "noise")
+# command-line bounds: memory grows with the trials (~0.5 MB per trial on the 1 ms grid) and
+# the spikes with units x trials (~30 spikes per unit and trial); at the bounds ~1-2 GB
+MAX_SEED = 2**64 - 1
+MAX_UNITS = 1000
+MAX_TRIALS = 2000
+MAX_UNIT_TRIALS = 500_000
 
 
 @dataclass
@@ -429,7 +436,7 @@ def write_nwb(session: ReachSession, path: str | os.PathLike) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog=PROG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Simulate a center-out reach session -- 8 targets in random order, minimum-jerk reaches of\n"
@@ -438,12 +445,18 @@ def build_parser() -> argparse.ArgumentParser:
                     "The same --seed gives the same files. Existing outputs are kept unless --overwrite.",
         epilog="Bin the output with:\n"
                "  python -m preprocess.bin_spikes OUT_DIR/phy --trials OUT_DIR/phy/trials.tsv --out STORE\n"
-               "  python -m preprocess.bin_spikes OUT_DIR/session.nwb --out STORE",
+               "  python -m preprocess.bin_spikes OUT_DIR/session.nwb --out STORE\n"
+               f"Bounds: --units 1..{MAX_UNITS}, --trials 1..{MAX_TRIALS}, units x trials <= {MAX_UNIT_TRIALS} "
+               "(a few GB of memory at most). Nothing is written unless the whole session is: OUT_DIR is "
+               "created only then, and no empty or partial OUT_DIR is left behind.",
     )
     p.add_argument("out_dir", metavar="OUT_DIR", help="output folder (created if missing)")
-    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same session (default 0)")
-    p.add_argument("--units", type=int, default=60, help="number of sorted units/clusters (default 60)")
-    p.add_argument("--trials", type=int, default=200, help="number of reach trials, ~2.3 s each (default 200: ~8 min)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed, 0 to 2**64-1; the same seed gives the same session (default 0)")
+    p.add_argument("--units", type=int, default=60,
+                   help=f"number of sorted units/clusters, 1 to {MAX_UNITS} (default 60)")
+    p.add_argument("--trials", type=int, default=200,
+                   help=f"number of reach trials, ~2.3 s each, 1 to {MAX_TRIALS} (default 200: ~8 min)")
     p.add_argument("--format", choices=("phy", "nwb", "both"), default="both",
                    help="what to write: phy -> OUT_DIR/phy/, nwb -> OUT_DIR/session.nwb, both (default)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs in OUT_DIR")
@@ -457,14 +470,32 @@ def _remove(path: str) -> None:
         os.remove(path)
 
 
+def _check_range(option: str, value: int, low: int, high: int) -> None:
+    if not low <= value <= high:
+        raise UsageError(f"{option} {value}: must be between {low} and {high}")
+
+
+def _first_missing(path: str) -> str | None:
+    """The outermost folder that ``os.makedirs(path)`` would create, or None if ``path`` exists."""
+    path, top = os.path.abspath(path), None
+    while not os.path.lexists(path):
+        top, parent = path, os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return top
+
+
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    if args.units < 1:
-        raise UsageError(f"--units {args.units}: must be at least 1")
-    if args.trials < 1:
-        raise UsageError(f"--trials {args.trials}: must be at least 1")
+    _check_range("--seed", args.seed, 0, MAX_SEED)
+    _check_range("--units", args.units, 1, MAX_UNITS)
+    _check_range("--trials", args.trials, 1, MAX_TRIALS)
+    if args.units * args.trials > MAX_UNIT_TRIALS:
+        raise UsageError(f"--units {args.units} x --trials {args.trials} = {args.units * args.trials}: must be at "
+                         f"most {MAX_UNIT_TRIALS}; simulate fewer units or trials")
     out = args.out_dir
-    if os.path.exists(out) and not os.path.isdir(out):
+    if os.path.lexists(out) and not os.path.isdir(out):
         raise UserError(f"{out}: exists and is not a folder; choose another OUT_DIR")
     phy_dir = os.path.join(out, "phy")
     nwb_path = os.path.join(out, "session.nwb")
@@ -473,33 +504,48 @@ def _main(argv: list[str] | None) -> int:
     existing = [t for t in targets if os.path.lexists(t)]
     if existing and not args.overwrite:
         raise UserError(f"{existing[0]}: already exists; pass --overwrite to replace it or choose another OUT_DIR")
+    try:  # in memory first: a failure here leaves no trace on disk
+        session = simulate_reach_session(n_units=args.units, n_trials=args.trials, seed=args.seed)
+    except MemoryError:
+        raise UserError(f"--units {args.units} --trials {args.trials}: not enough memory to simulate the session; "
+                        "simulate fewer units or trials") from None
+    created = _first_missing(out)  # removed again if anything below fails
+    staged: dict[str, str] = {}  # target -> complete temporary copy next to it
+    moved: dict[str, str] = {}  # target -> where its old version (--overwrite) was moved aside
+    published = False
     try:
         os.makedirs(out, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"{out}: cannot create the output folder ({err.strerror})")
-    session = simulate_reach_session(n_units=args.units, n_trials=args.trials, seed=args.seed)
-    try:
         if phy_dir in targets:
-            if os.path.lexists(phy_dir):  # --overwrite: publish a complete new folder, then drop the old one
-                new = write_phy(session, _tmp_name(phy_dir))
-                old = _tmp_name(phy_dir, "old")
-                os.rename(phy_dir, old)
-                os.rename(new, phy_dir)
-                _remove(old)
-            else:
-                write_phy(session, phy_dir)
-            print(phy_dir)
+            staged[phy_dir] = write_phy(session, _tmp_name(phy_dir))
         if nwb_path in targets:
-            old = None
-            if os.path.isdir(nwb_path) and not os.path.islink(nwb_path):  # --overwrite of a folder
-                old = _tmp_name(nwb_path, "old")
-                os.rename(nwb_path, old)
-            write_nwb(session, nwb_path)
-            if old:
-                _remove(old)
-            print(nwb_path)
+            staged[nwb_path] = write_nwb(session, _tmp_name(nwb_path) + ".nwb")
+        # everything is written: publish (renames), then drop what --overwrite replaced
+        for target, tmp in staged.items():
+            file_over_file = os.path.isfile(tmp) and not (os.path.isdir(target) and not os.path.islink(target))
+            if os.path.lexists(target) and not file_over_file:  # os.replace cannot replace it atomically
+                moved[target] = _tmp_name(target, "old")
+                os.rename(target, moved[target])
+            os.replace(tmp, target)
+        published = True
+        for path in moved.values():
+            _remove(path)
     except OSError as err:
         raise UserError(f"{out}: cannot write ({err.strerror or err}); check the folder's permissions and free space")
+    except MemoryError:
+        raise UserError(f"{out}: not enough memory to write the session; simulate fewer units or trials") from None
+    finally:
+        if not published:
+            with contextlib.suppress(OSError):  # cleaning up must not hide the error being raised
+                for tmp in staged.values():
+                    if os.path.lexists(tmp):
+                        _remove(tmp)
+                for target, old in moved.items():  # put back what was moved aside
+                    if os.path.lexists(old) and not os.path.lexists(target):
+                        os.rename(old, target)
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
+    for target in targets:
+        print(target)
     return 0
 
 

@@ -169,9 +169,13 @@ class StoreWriter:
         self._check_destination()
         if self.local:
             parent, name = os.path.split(self.path)
-            self._clean_stale_partials(parent, name)
             self.staging_url = os.path.join(parent, f".{name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-            os.makedirs(self.staging_url)
+            try:
+                self._clean_stale_partials(parent, name)
+                os.makedirs(self.staging_url)
+            except OSError as err:  # e.g. /proc, a read-only mount: access() said yes, the kernel says no
+                raise UserError(f"--out {self.url}: cannot write in {parent} ({err.strerror or err}); "
+                                "choose a writable location for --out") from None
         else:
             self.staging_url = url.rstrip("/")
             self._prepare_remote()
