@@ -25,8 +25,8 @@ import torch
 
 from preprocess.errors import UserError
 
-__all__ = ["CHECKPOINT_NAME", "CHECKPOINT_KEYS", "save_checkpoint", "load_checkpoint", "rng_state",
-           "set_rng_state", "atomic_write_text"]
+__all__ = ["CHECKPOINT_NAME", "CHECKPOINT_KEYS", "save_checkpoint", "load_checkpoint", "checkpoint_error",
+           "state_dict_problem", "EVALUATE_FIX", "TRAIN_FIX", "rng_state", "set_rng_state", "atomic_write_text"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_KEYS = ("model", "optimizer", "step", "epoch", "config", "normalization", "data", "rng")
@@ -51,18 +51,69 @@ def save_checkpoint(path: str | os.PathLike, checkpoint: dict) -> None:
             tmp.unlink()
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint on the CPU (weights_only=True); UserError when absent or unreadable."""
+EVALUATE_FIX = "train the run again (python -m pipeline.train) or pass another --run"
+TRAIN_FIX = "delete it or use another run.dir"
+
+
+def _unreadable_reason(err: Exception) -> str:
+    """Why torch.load failed, in our words (torch's own text suggests weights_only=False,
+    which would run arbitrary pickled code: never echoed)."""
+    text = str(err)
+    if "Unsupported global" in text or "GLOBAL" in text:
+        return "it holds Python objects other than tensors and plain types, so pipeline.train did not write it"
+    if "zip" in text.lower() or "central directory" in text:
+        return "truncated or corrupt: not a complete torch archive"
+    return "not a torch checkpoint file"
+
+
+def checkpoint_error(path: str | os.PathLike, problem: str, fix: str = TRAIN_FIX) -> UserError:
+    """The one-line error for a checkpoint that cannot be used: names the file and the fix."""
+    problem = " ".join(str(problem).split())
+    if len(problem) > 300:
+        problem = problem[:297] + "..."
+    return UserError(f"{path}: {problem}; {fix}")
+
+
+def load_checkpoint(path: str | os.PathLike, fix: str = EVALUATE_FIX) -> dict:
+    """Load a checkpoint on the CPU (weights_only=True); UserError when absent, unreadable
+    or not shaped like a pipeline checkpoint (``fix``: what the message tells the user to do)."""
     path = Path(path)
+    if path.is_dir():
+        raise checkpoint_error(path, "is a directory, not a checkpoint file", fix)
+    if path.is_symlink() and not path.exists():
+        raise checkpoint_error(path, "is a broken symbolic link, not a checkpoint file", fix)
+    if path.exists() and not path.is_file():
+        raise checkpoint_error(path, "is not a regular file", fix)
     if not path.is_file():
         raise UserError(f"{path}: no checkpoint there; train first (python -m pipeline.train) or fix --run")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated file, foreign pickle, ...
-        raise UserError(f"{path}: not a readable checkpoint ({type(err).__name__}: {str(err).splitlines()[0]})")
+    except MemoryError:
+        raise checkpoint_error(path, "not a readable checkpoint (too large to load)", fix) from None
+    except Exception as err:  # truncated file, foreign pickle, permissions, ...
+        reason = (err.strerror or str(err)) if isinstance(err, OSError) else _unreadable_reason(err)
+        raise checkpoint_error(path, f"not a readable checkpoint ({reason})", fix) from None
     if not isinstance(ckpt, dict) or set(CHECKPOINT_KEYS) - set(ckpt):
-        raise UserError(f"{path}: not a pipeline checkpoint (expected keys {', '.join(CHECKPOINT_KEYS)})")
+        raise checkpoint_error(path, f"not a pipeline checkpoint (expected keys {', '.join(CHECKPOINT_KEYS)})", fix)
+    step = ckpt["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise checkpoint_error(path, f"its step is {step!r}, not a count of steps", fix)
+    for key in ("model", "optimizer", "config"):
+        if not isinstance(ckpt[key], dict):
+            raise checkpoint_error(path, f"its {key} is a {type(ckpt[key]).__name__}, not a mapping", fix)
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt["model"].items()):
+        raise checkpoint_error(path, "its model is not a mapping of parameter names to tensors", fix)
+    bad = [k for k, v in ckpt["config"].items() if not isinstance(v, dict)]
+    if bad:
+        raise checkpoint_error(path, f"its config section {bad[0]!r} is not a mapping", fix)
     return ckpt
+
+
+def state_dict_problem(err: Exception) -> str:
+    """The first line that says what is wrong in a load_state_dict error (e.g. a size mismatch)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    detail = next((line for line in lines[1:] if line), lines[0] if lines else type(err).__name__)
+    return detail.rstrip(".")
 
 
 def rng_state(mining: torch.Generator | None = None) -> dict:
@@ -99,5 +150,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` via a temporary sibling and os.replace."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -52,6 +52,17 @@ class ConfigError(UsageError):
     """A bad config file, key or value (exit code 2, one line on stderr)."""
 
 
+# Upper bounds checked by Config.validate: values above them cannot be meant and would
+# otherwise allocate gigabytes (or overflow) before failing with a traceback.
+MAX_SEED = 2**63 - 1  # run.seed: 0 .. 2**63 - 1 (torch and numpy seed ranges)
+MAX_WIDTH = 65536  # model.hidden_dim, out_dim, predictor_hidden, mined_predictor_hidden, projector dims
+MAX_BLOCKS = 64  # model.num_blocks
+MAX_JITTER_BINS = 1000  # data.jitter_max_bins
+MAX_SAMPLES = 2**20  # optim.batch_size, method.pool_size, method.k
+MAX_PAIRS = 2**32  # optim.batch_size x method.pool_size: the (B, L) mining masks
+MAX_WEIGHTS = 2**30  # estimated weights of the mlp encoder body, and of the projector/predictor heads
+
+
 # --------------------------------------------------------------------------- stages
 
 
@@ -262,13 +273,15 @@ class Config:
                 raise ConfigError(f"config key '{key}': {msg}")
 
         d, a, m, me, o, t, r = self.data, self.augment, self.model, self.method, self.optim, self.train, self.run
+        for key, value in _float_values(self):
+            need(math.isfinite(value), key, f"must be a finite number, got {value}")
         need(len(d.split) == 3, "data.split", f"needs 3 fractions (train, val, test), got {d.split}")
         need(all(f >= 0 for f in d.split), "data.split", f"fractions must be >= 0, got {d.split}")
         need(math.isclose(sum(d.split), 1.0, abs_tol=1e-6), "data.split", f"fractions must sum to 1, got {d.split}")
         need(d.split[0] > 0, "data.split", "the train fraction must be > 0")
         need(d.min_speed >= 0, "data.min_speed", "must be >= 0")
         need(d.min_time_gap_s is None or d.min_time_gap_s >= 0, "data.min_time_gap_s", "must be >= 0 or null")
-        need(d.jitter_max_bins >= 0, "data.jitter_max_bins", "must be >= 0")
+        need(0 <= d.jitter_max_bins <= MAX_JITTER_BINS, "data.jitter_max_bins", f"must be 0..{MAX_JITTER_BINS}")
         need(d.loading in LOADINGS, "data.loading", f"must be one of {', '.join(LOADINGS)}")
         need(d.kind in DATA_KINDS, "data.kind", f"must be one of {', '.join(DATA_KINDS)}")
         need(d.memory_budget_mb >= 0, "data.memory_budget_mb", "must be >= 0")
@@ -282,17 +295,25 @@ class Config:
         need(m.encoder in ENCODERS, "model.encoder", f"must be one of {', '.join(ENCODERS)}")
         need(m.architecture in ARCHITECTURES, "model.architecture", f"must be one of {', '.join(ARCHITECTURES)}")
         for key in ("hidden_dim", "out_dim", "predictor_hidden"):
-            need(getattr(m, key) > 0, f"model.{key}", "must be > 0")
-        need(m.num_blocks >= 0, "model.num_blocks", "must be >= 0")
-        need(m.mined_predictor_hidden is None or m.mined_predictor_hidden > 0, "model.mined_predictor_hidden",
-             "must be > 0 or null")
+            need(0 < getattr(m, key) <= MAX_WIDTH, f"model.{key}", f"must be 1..{MAX_WIDTH}")
+        need(0 <= m.num_blocks <= MAX_BLOCKS, "model.num_blocks", f"must be 0..{MAX_BLOCKS}")
+        need(m.mined_predictor_hidden is None or 0 < m.mined_predictor_hidden <= MAX_WIDTH,
+             "model.mined_predictor_hidden", f"must be 1..{MAX_WIDTH} or null")
         for key in ("projector", "mined_projector"):
             dims = getattr(m, key)
             need(dims is None or (len(dims) == 2 and min(dims) > 0), f"model.{key}", "must be [hidden, out] or null")
+            need(dims is None or max(dims) <= MAX_WIDTH, f"model.{key}", f"sizes must be 1..{MAX_WIDTH}")
+        body, heads = _weight_estimate(m)
+        need(body <= MAX_WEIGHTS, "model.hidden_dim",
+             f"{m.hidden_dim} with model.num_blocks {m.num_blocks} and model.out_dim {m.out_dim} makes ~{body:.3g} "
+             f"encoder weights (at most 2**30); lower model.hidden_dim or model.num_blocks")
+        need(heads <= MAX_WEIGHTS, "model.predictor_hidden",
+             f"the projector/predictor heads would have ~{heads:.3g} weights (at most 2**30); lower "
+             "model.predictor_hidden, model.mined_predictor_hidden, model.out_dim or the projector sizes")
         need(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
         need(me.name in METHODS, "method.name", f"must be one of {', '.join(METHODS)}, got {me.name!r}")
-        need(me.k >= 1, "method.k", "must be >= 1")
-        need(me.pool_size >= 1, "method.pool_size", "must be >= 1")
+        need(1 <= me.k <= MAX_SAMPLES, "method.k", f"must be 1..{MAX_SAMPLES}")
+        need(1 <= me.pool_size <= MAX_SAMPLES, "method.pool_size", f"must be 1..{MAX_SAMPLES}")
         need(me.mining_weight >= 0, "method.mining_weight", "must be >= 0")
         need(me.mining_warmup_epochs >= 0, "method.mining_warmup_epochs", "must be >= 0")
         need(me.mining_ramp_epochs >= 0, "method.mining_ramp_epochs", "must be >= 0")
@@ -305,6 +326,10 @@ class Config:
         need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
         need(o.warmup_epochs >= 0, "optim.warmup_epochs", "must be >= 0")
         need(o.batch_size >= 1, "optim.batch_size", "must be a positive batch size")
+        need(o.batch_size <= MAX_SAMPLES, "optim.batch_size", f"must be at most {MAX_SAMPLES}")
+        need(me.pool != "independent" or o.batch_size * me.pool_size <= MAX_PAIRS, "method.pool_size",
+             f"optim.batch_size x method.pool_size = {o.batch_size * me.pool_size} anchor-candidate pairs per step "
+             f"(at most {MAX_PAIRS}); lower one of them")
         need(0.0 <= o.momentum < 1.0, "optim.momentum", "must be in [0, 1)")
         need(0.0 <= o.ema_base_tau <= 1.0, "optim.ema_base_tau", "must be in [0, 1]")
         need(o.ema_schedule in EMA_SCHEDULES, "optim.ema_schedule", f"must be one of {', '.join(EMA_SCHEDULES)}")
@@ -314,7 +339,9 @@ class Config:
         need(t.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
         need(t.eval_every >= 0, "train.eval_every", "must be >= 0")
         need(r.device in DEVICES, "run.device", f"must be one of {', '.join(DEVICES)}")
+        need(0 <= r.seed <= MAX_SEED, "run.seed", f"must be 0..2**63-1, got {r.seed}")
         need(r.threads >= 0, "run.threads", "must be >= 0")
+        need(r.dist_timeout_s > 0, "run.dist_timeout_s", "must be > 0")
         need(0 <= self.metrics.port <= 65535, "metrics.port", "must be 0 (off) or a TCP port")
         need(self.eval.reach_min_speed >= 0, "eval.reach_min_speed", "must be >= 0")
         need(self.eval.knn_k >= 1, "eval.knn_k", "must be >= 1")
@@ -355,6 +382,39 @@ class Config:
 
 
 # --------------------------------------------------------------------------- building
+
+
+def _weight_estimate(m: ModelConfig) -> tuple[int, int]:
+    """Rough weight counts (encoder body without its input layer, projector/predictor heads)
+    of ``m``: enough to refuse sizes that would take gigabytes, not an exact count."""
+    rep = {"resnet18": 512, "resnet50": 2048}.get(m.encoder, m.out_dim)
+    body = m.hidden_dim ** 2 * max(m.num_blocks - 1, 0) + m.hidden_dim * m.out_dim if m.encoder == "mlp" else 0
+
+    def head(projector, hidden: int) -> int:
+        weights, z = 0, rep
+        if projector:
+            weights, z = rep * projector[0] + projector[0] * projector[1], projector[1]
+        return weights + 2 * z * hidden
+
+    heads = head(m.projector, m.predictor_hidden) + head(m.mined_projector,
+                                                         m.mined_predictor_hidden or m.predictor_hidden)
+    return body, heads
+
+
+def _float_values(cfg: Config):
+    """(key, value) of every float in the config, list items included (e.g. ``data.split[1]``)."""
+    def walk(key: str, value):
+        if isinstance(value, float):
+            yield key, value
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                yield from walk(f"{key}[{i}]", item)
+
+    for section in dataclasses.fields(cfg):
+        obj = getattr(cfg, section.name)
+        for f in dataclasses.fields(obj):
+            if f.name != "storage_options":  # fsspec's own options: passed through as given
+                yield from walk(f"{section.name}.{f.name}", getattr(obj, f.name))
 
 
 def _type_name(tp) -> str:
@@ -453,8 +513,18 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
-        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({str(err).splitlines()[0]})")
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({_yaml_problem(err, column_only=True)})")
     return key, value
+
+
+def _yaml_problem(err: yaml.YAMLError, column_only: bool = False) -> str:
+    """``'could not find expected ':' at line 3, column 5'`` (1-based) from a PyYAML error."""
+    problem = getattr(err, "problem", None) or getattr(err, "context", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    if mark is None:
+        return str(problem)
+    where = f"column {mark.column + 1}" if column_only else f"line {mark.line + 1}, column {mark.column + 1}"
+    return f"{problem} at {where}"
 
 
 def _nest(key: str, value: Any) -> dict:
@@ -478,12 +548,26 @@ def build_config(values: dict | None = None, overrides: list[str] | tuple[str, .
 def read_yaml(path: str | os.PathLike) -> dict:
     """A YAML mapping from ``path`` (empty file -> {}); ConfigError on a missing/bad file."""
     try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+        with open(path, "rb") as f:
+            raw = f.read()
     except FileNotFoundError:
-        raise ConfigError(f"--config {path}: no such file")
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"--config {path}: cannot read YAML ({str(err).splitlines()[0]})")
+        raise ConfigError(f"--config {path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--config {path}: is a directory; pass a YAML file (e.g. configs/reach_myow.yaml)") from None
+    except OSError as err:
+        raise ConfigError(f"--config {path}: cannot read it ({err.strerror or err}); check the path and "
+                          "its permissions") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"--config {path}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); "
+                          "save the file as UTF-8") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--config {path}: YAML syntax error: {_yaml_problem(err)}; fix the file") from None
+    except RecursionError:
+        raise ConfigError(f"--config {path}: nested too deeply to be a config; fix the file") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -38,12 +38,12 @@ import numpy as np
 import torch
 
 from model import set_session
-from preprocess.errors import UserError, run_cli, setup_logging
+from preprocess.errors import UsageError, UserError, run_cli, setup_logging
 
 from .build import build_model
-from .checkpoint import CHECKPOINT_NAME, load_checkpoint
+from .checkpoint import CHECKPOINT_NAME, EVALUATE_FIX, checkpoint_error, load_checkpoint, state_dict_problem
 from .cli import OneLineParser, to_json
-from .config import Config, build_config
+from .config import Config, ConfigError, build_config
 from .data import Normalization, normalizations_from, session_urls
 from .recording import Recording, hand_speed, open_store, split_rows
 
@@ -475,50 +475,98 @@ def evaluate_sessions(model, sessions, cfg: Config, *, device="cpu", run_dir=Non
 
 
 def load_run(run_dir: str | os.PathLike) -> tuple[Config, dict]:
-    """(config, checkpoint) of a run directory; UserError naming what is missing."""
+    """(config, checkpoint) of a run directory; UserError naming what is missing or unusable."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
+        if run_dir.exists():
+            raise UserError(f"--run {run_dir}: is a file, not a run directory; pass the directory that holds "
+                            "checkpoint.pt")
         raise UserError(f"--run {run_dir}: no such run directory")
-    ckpt = load_checkpoint(run_dir / CHECKPOINT_NAME)
-    return build_config(ckpt["config"]), ckpt
+    path = run_dir / CHECKPOINT_NAME
+    ckpt = load_checkpoint(path, fix=EVALUATE_FIX)
+    try:
+        cfg = build_config(ckpt["config"])
+    except ConfigError as err:
+        raise checkpoint_error(path, f"its stored config is not valid ({err})", EVALUATE_FIX) from None
+    return cfg, ckpt
 
 
-def export_target(path: str | os.PathLike) -> Path:
-    """The ``--export-embeddings`` path; UserError when its directory does not exist."""
+def _writable_dir(path: Path) -> bool:
+    """Whether a file can be created in the directory ``path`` (probed with an anonymous
+    temporary file: right for root and read-only mounts too, where os.access says yes)."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError:
+        return False
+    return True
+
+
+def export_target(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """The ``--export-embeddings`` path, checked before any work: UserError when it is a
+    directory, an existing file (unless ``overwrite``), or its directory is missing or not
+    writable."""
     path = Path(path)
-    if not path.parent.is_dir():
-        raise UserError(f"--export-embeddings {path}: directory {path.parent} does not exist")
+    flag = f"--export-embeddings {path}"
+    if path.is_dir():
+        raise UserError(f"{flag}: is a directory; give a file name (e.g. {path / 'embeddings.npz'})")
+    if path.exists() or path.is_symlink():
+        if not path.is_file():
+            raise UserError(f"{flag}: exists and is not a regular file; choose another file")
+        if not overwrite:
+            raise UserError(f"{flag}: the file already exists; pass --overwrite to replace it or choose another file")
+    parent = path.parent
+    if not parent.is_dir():
+        raise UserError(f"{flag}: directory {parent} does not exist; create it or choose another location")
+    if not _writable_dir(parent):
+        raise UserError(f"{flag}: directory {parent} is not writable; choose another location")
     return path
 
 
 def export_arrays(path: str | os.PathLike, **arrays: np.ndarray) -> None:
     """``--export-embeddings``: ``arrays`` in one .npz, written atomically (a temporary
-    sibling, then os.replace), so a failed export leaves nothing behind."""
-    path = export_target(path)
+    sibling, then os.replace), so a failed export leaves nothing behind. The target was
+    checked (and an existing file allowed or refused) by :func:`export_target` beforehand."""
+    path = export_target(path, overwrite=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
         os.replace(tmp, path)
+    except OSError as err:
+        raise UserError(f"--export-embeddings {path}: cannot write it ({err.strerror or err}); "
+                        "choose another location") from None
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
 def evaluate_run(run_dir: str | os.PathLike, data: str | None = None, export: str | None = None,
-                 plots: bool = True) -> dict:
+                 plots: bool = True, overwrite: bool = False) -> dict:
     """Evaluate a run's final checkpoint on its store (or ``data``); returns the metrics dict.
+    ``export``: the embeddings' .npz (an existing file only with ``overwrite``).
 
     Runs on image shards are evaluated by :func:`pipeline.images.evaluate_image_run`."""
     cfg, ckpt = load_run(run_dir)
     if export:
-        export_target(export)  # before minutes of evaluation, not after
+        export_target(export, overwrite)  # before minutes of evaluation, not after
+    if plots and not _writable_dir(Path(run_dir)):
+        raise UserError(f"--run {run_dir}: the run directory is not writable, so the plots cannot be saved; "
+                        "pass --no-plots")
     if ckpt.get("data_kind") == "images":
         from .images import evaluate_image_run
 
         return evaluate_image_run(run_dir, cfg, ckpt, data=data, export=export, plots=plots)
-    norms = normalizations_from(ckpt["normalization"])
-    norms = norms if isinstance(norms, list) else [norms]
+    ckpt_path = Path(run_dir) / CHECKPOINT_NAME
+    try:
+        norms = normalizations_from(ckpt["normalization"])
+        norms = norms if isinstance(norms, list) else [norms]
+        n_units = [int(n.mean.shape[0]) for n in norms]
+    except Exception as err:  # a crafted or foreign checkpoint
+        raise checkpoint_error(ckpt_path, f"its normalization is not usable ({type(err).__name__}: {err})",
+                               EVALUATE_FIX) from None
     so = cfg.data.storage_options
     if not (data or cfg.data.path):
         raise UserError("the run's config has no data.path; pass --data STORE_URL")
@@ -536,8 +584,12 @@ def evaluate_run(run_dir: str | os.PathLike, data: str | None = None, export: st
                         "pass the store to evaluate with --data")
     if export and len(chosen) > 1:
         raise UserError("--export-embeddings needs one session: pass it with --data STORE_URL")
-    model = build_model(cfg, [n.mean.shape[0] for n in norms] if len(norms) > 1 else norms[0].mean.shape[0])
-    model.load_state_dict(ckpt["model"])
+    model = build_model(cfg, n_units if len(norms) > 1 else n_units[0])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except Exception as err:  # weights of another model than its config describes
+        raise checkpoint_error(ckpt_path, "its model weights do not fit the model of its config "
+                                          f"({state_dict_problem(err)})", EVALUATE_FIX) from None
     per_session = []
     for i in chosen:
         url = trained_on[i]
@@ -567,6 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-embeddings", metavar="OUT.npz",
                    help="write embedding (T, D) float32, one row per store row, + bin_start_s, trial "
                         "(images: one row per image of the eval selection, + sample, label)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --export-embeddings file")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
@@ -575,7 +628,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    results = evaluate_run(args.run, args.data, args.export_embeddings, plots=not args.no_plots)
+    if args.export_embeddings == "":
+        raise UsageError("--export-embeddings: empty file name; give e.g. --export-embeddings OUT.npz")
+    if args.overwrite and not args.export_embeddings:
+        raise UsageError("--overwrite only applies to --export-embeddings OUT.npz; pass that too or drop it")
+    results = evaluate_run(args.run, args.data, args.export_embeddings, plots=not args.no_plots,
+                           overwrite=args.overwrite)
     print(to_json(results))
     return 0
 

@@ -1299,6 +1299,7 @@ class ImageSession:
     channels: int
     image_size: int
     min_time_gap_s: float = 0.0  # images have no time: only the anchor's own image is excluded (trial)
+    mining_context: None = None  # mining by temporal context is for recordings (pipeline/context.py)
 
     @property
     def n_samples(self) -> int:

@@ -33,14 +33,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import functools
 import json
 import logging
 import math
 import os
 import random
+import shutil
 import signal
+import socket
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -57,14 +61,15 @@ from model import MYOW, cosine_ema_momentum, exclusion_mask, mine_views, mining_
 from preprocess.errors import UserError, run_cli, setup_logging
 
 from .build import build_model, build_optimizer, uses_channels_last
-from .checkpoint import CHECKPOINT_NAME, atomic_write_text, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (CHECKPOINT_NAME, TRAIN_FIX, atomic_write_text, checkpoint_error, load_checkpoint, rng_state,
+                         save_checkpoint, set_rng_state, state_dict_problem)
 from .cli import OneLineParser, to_json
 from .config import Config, config_to_dict, dump_config, load_config
 from .context import MiningContext
 from .distributed import (DistEnv, all_gather_pool, all_reduce_mean, barrier, broadcast_object, configure_rank_logging,
                           gather_object, init_distributed, shutdown, wrap_ddp)
-from .data import TrainData, build_train_data, data_kind, derive_seed
-from .metrics import make_metrics
+from .data import TrainData, build_train_data, data_kind, derive_seed, normalizations_from
+from .metrics import NullMetrics, make_metrics
 
 log = logging.getLogger("pipeline.train")
 PROG = "python -m pipeline.train"
@@ -315,7 +320,11 @@ RESUME_KEYS = ("data.path", "data.kind", "data.split", "data.min_speed", "data.j
 
 def check_resumable(checkpoint: dict, cfg: Config, world_size: int, ckpt_path: Path) -> None:
     """UserError when ``checkpoint`` was written by another world size or an incompatible config."""
-    saved_world = int(checkpoint.get("world_size", 1))
+    try:
+        saved_world = int(checkpoint.get("world_size", 1))
+    except (TypeError, ValueError):
+        raise checkpoint_error(ckpt_path, f"its world_size is {checkpoint.get('world_size')!r}, not a count of "
+                                          "ranks", TRAIN_FIX) from None
     if saved_world != world_size:
         raise UserError(f"{ckpt_path}: written by {saved_world} rank(s), this run has {world_size}; resume with "
                         f"--nproc_per_node={saved_world}, or use another run.dir to start over")
@@ -327,8 +336,8 @@ def check_resumable(checkpoint: dict, cfg: Config, world_size: int, ckpt_path: P
         a = old.get(section, {}) if not field else old.get(section, {}).get(field)
         b = new[section] if not field else new[section][field]
         if a != b:
-            if isinstance(a, dict):  # name the first differing key of the section
-                field = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+            if isinstance(a, dict) and isinstance(b, dict):  # name the first differing key of the section
+                field = next((k for k in sorted(set(a) | set(b), key=str) if a.get(k) != b.get(k)), sorted(b)[0])
                 key, a, b = f"{section}.{field}", a.get(field), b.get(field)
             raise UserError(f"{ckpt_path}: the checkpoint's {key} is {a!r}, this config has {b!r}; "
                             "resume with the same config, or use another run.dir to start over")
@@ -361,17 +370,133 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not (path.exists() or path.is_symlink()) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """UserError unless ``run_dir`` is a writable directory or can be created as one.
+
+    Writes nothing: writability is probed with an anonymous temporary file (O_TMPFILE),
+    which works for root and on read-only mounts too, where os.access says yes."""
+    if run_dir.exists() or run_dir.is_symlink():
+        if not run_dir.is_dir():
+            raise UserError(f"run.dir {run_dir}: exists and is not a directory; choose another run.dir")
+        where, what = run_dir, "the directory is not writable"
+    else:
+        where = _nearest_existing(run_dir)
+        if not where.is_dir():
+            raise UserError(f"run.dir {run_dir}: cannot create it, {where} is a file; choose another run.dir")
+        what = f"cannot create it, {where} is not writable"
+    try:
+        with tempfile.TemporaryFile(dir=where):
+            pass
+    except OSError as err:
+        reason = f" ({err.strerror})" if err.strerror and err.errno != errno.ENOENT else ""
+        raise UserError(f"run.dir {run_dir}: {what}{reason}; choose another run.dir or fix its permissions") from None
+
+
+def _create_run_dir(run_dir: Path) -> Path | None:
+    """mkdir -p ``run_dir``; returns the top-most directory this created (None: it existed)."""
+    missing, path = [], run_dir.absolute()
+    while not (path.exists() or path.is_symlink()):
+        missing.append(path)
+        path = path.parent
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        if missing and missing[-1].exists():
+            shutil.rmtree(missing[-1], ignore_errors=True)
+        raise UserError(f"run.dir {run_dir}: cannot create it ({err.strerror or err}); choose another run.dir") from None
+    return missing[-1] if missing else None
+
+
+def _start_metrics(cfg: Config, env: DistEnv) -> NullMetrics:
+    """The rank's Prometheus endpoint, bound (or NullMetrics); UserError naming metrics.host
+    or metrics.port when it cannot be served."""
+    host, port = cfg.metrics.host, cfg.metrics.port
+    if not port:
+        return NullMetrics()
+    fix = "use an address of this machine (127.0.0.1, or 0.0.0.0 for every interface), or metrics.port=0 to disable"
+    try:
+        infos = socket.getaddrinfo(host or None, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError, ValueError) as err:
+        reason = getattr(err, "strerror", None) or "not a valid host name"
+        raise UserError(f"metrics.host {host!r}: not a known host name or address ({reason}); {fix}") from None
+    try:
+        return make_metrics(host, port, env.rank, env.world_size)
+    except OverflowError:
+        raise UserError(f"metrics.port {port}: port + LOCAL_RANK is beyond 65535; choose a lower metrics.port") from None
+    except UserError:
+        family, kind, proto, _, address = infos[0]
+        try:  # the host itself cannot be bound (not an address of this machine): name the host
+            with socket.socket(family, kind, proto) as probe:
+                probe.bind(address)
+        except OSError as err:
+            raise UserError(f"metrics.host {host!r}: cannot serve metrics there ({err.strerror or err}); {fix}") from None
+        raise
+
+
+def _load_resume(resume: dict, model: nn.Module, optimizer: torch.optim.Optimizer, data, mining_gen: torch.Generator,
+                 env: DistEnv, ckpt_path: Path) -> int:
+    """Restore the checkpoint's states; UserError naming checkpoint.pt when one does not fit."""
+    parts = (("model weights", lambda: model.load_state_dict(resume["model"])),
+             ("optimizer state", lambda: optimizer.load_state_dict(resume["optimizer"])),
+             ("data stream state", lambda: data.load_state_dict(_per_rank(resume["data"], env))),
+             ("random state", lambda: set_rng_state(_per_rank(resume["rng"], env), mining_gen)))
+    for what, load in parts:
+        try:
+            load()
+        except UserError:
+            raise
+        except Exception as err:  # a size mismatch, missing keys, a wrong type, ...
+            raise checkpoint_error(ckpt_path, f"its {what} cannot be restored into this run "
+                                              f"({state_dict_problem(err)})", TRAIN_FIX) from None
+    return int(resume["step"])
+
+
+def _check_normalization(resume: dict, data, ckpt_path: Path) -> None:
+    """A neural checkpoint's normalisation: one (N,) mean and std per session, N = the
+    session's units (before it is used; images store their own kind of state)."""
+    if resume.get("data_kind", "neural") == "images":
+        return
+    try:
+        norms = normalizations_from(resume["normalization"])
+        norms = norms if isinstance(norms, list) else [norms]
+        sizes = [int(n.mean.shape[0]) for n in norms]
+        if any(n.mean.dim() != 1 or n.std.shape != n.mean.shape for n in norms):
+            raise ValueError("mean and std must be (N,) vectors")
+    except Exception as err:
+        raise checkpoint_error(ckpt_path, f"its normalization is not usable ({type(err).__name__}: {err})",
+                               TRAIN_FIX) from None
+    if data is not None:
+        inputs = data.model_input()
+        inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+        if sizes != inputs:
+            raise checkpoint_error(ckpt_path, f"its normalization is for {sizes} units, data.path has {inputs}",
+                                   TRAIN_FIX)
+
+
 def resolve_run_dir(cfg: Config, env: DistEnv) -> Path:
     """``run.dir``, or a new runs/<method>-<time> chosen by rank 0 and shared with every rank."""
     run_dir = Path(cfg.run.dir) if cfg.run.dir else (default_run_dir(cfg) if env.is_main else None)
     return Path(broadcast_object(str(run_dir), env))
 
 
-def train(cfg: Config, data: TrainData | None = None, env: DistEnv | None = None) -> tuple[Path, dict]:
+def train(cfg: Config, data: TrainData | None = None, env: DistEnv | None = None, *,
+          resume_hint: str | None = None) -> tuple[Path, dict]:
     """Train (or resume) a run and evaluate it; one process or one rank of torchrun.
 
     Returns (run directory, evaluation metrics); ranks other than 0 return an empty dict,
-    and a run stopped by SIGTERM/SIGINT returns {"stopped_at_step": n} after checkpointing.
+    and a run stopped by SIGTERM/SIGINT returns {"stopped_at_step": n} after checkpointing
+    (``resume_hint``: what the stop message tells the user to do to resume).
+
+    Nothing is written to the run directory (not even its mkdir) until the run has started:
+    data read, model built, checkpoint states loaded, metrics endpoint bound. A start-up
+    failure after that removes what this call created.
     """
     env = env or init_distributed(cfg.run.device)
     threads = set_threads(cfg.run.threads)
@@ -380,53 +505,76 @@ def train(cfg: Config, data: TrainData | None = None, env: DistEnv | None = None
     torch.set_flush_denormal(True)
     device = env.device
     run_dir = resolve_run_dir(cfg, env)
+    if env.is_main:
+        check_run_dir(run_dir)  # a file, an unwritable place: refused before any work
+    if resume_hint is None:
+        resume_hint = ("rerun the same command to resume" if cfg.run.dir else
+                       f"rerun with --set run.dir={run_dir} to resume")
     ckpt_path = run_dir / CHECKPOINT_NAME
-    resume = load_checkpoint(ckpt_path) if cfg.run.resume and ckpt_path.exists() else None
-    if resume:
+    resume = None
+    if cfg.run.resume and (ckpt_path.exists() or ckpt_path.is_symlink()):
+        resume = load_checkpoint(ckpt_path, fix=TRAIN_FIX)
         check_resumable(resume, cfg, env.world_size, ckpt_path)
+        _check_normalization(resume, None, ckpt_path)
 
-    # the stored normalisation (a checkpoint's state) is reused as is: before the run dir,
-    # so a bad store or shard set leaves nothing behind
-    data = data or build_train_data(cfg, normalization=resume["normalization"] if resume else None, rank=env.rank,
-                                    world_size=env.world_size, progress=cfg.run.progress and env.is_main)
-    if resume and resume.get("data_kind", "neural") != data.kind:
-        raise UserError(f"{ckpt_path}: written by a run on {resume.get('data_kind', 'neural')} data, data.path is "
-                        f"{data.kind} data; resume with the same data, or use another run.dir to start over")
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    if data.kind == "images" and device.type == "cpu":  # leave a core to the augmenting threads
-        threads = set_threads(cfg.run.threads, images=True)
-    if device.type == "cuda":
-        data.pin_memory()
-    plan = Plan.build(cfg, data.steps_per_epoch, data.min_time_gap_s)
-    plans = [dataclasses.replace(plan, min_time_gap_s=s.min_time_gap_s) for s in data.sessions]
-    seed_everything(cfg.run.seed)  # model initialisation: the same on every rank
-    model = build_model(cfg, data.model_input()).to(device)
-    channels_last = uses_channels_last(cfg, device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg, model.online_parameters())
-    mining_gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, 3, env.rank))
-    start = 0
-    if resume:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        data.load_state_dict(_per_rank(resume["data"], env))
-        set_rng_state(_per_rank(resume["rng"], env), mining_gen)
-        start = int(resume["step"])
-        log.info("resuming %s at step %d", run_dir, start)
-    # DDP after loading: it broadcasts rank 0's weights at construction
-    net = wrap_ddp(model, env, sync_bn=cfg.run.sync_bn, find_unused_parameters=data.multi)
-    gather = functools.partial(all_gather_pool, env=env)
+    metrics = _start_metrics(cfg, env)  # a busy port or bad host fails before minutes of data loading
+    created: Path | None = None
+    config_path = run_dir / "config.yaml"
+    had_config = config_path.exists()
     metrics_path = run_dir / "metrics.jsonl"
-    if env.is_main:
-        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
-        for path in (metrics_path, run_dir / "evaluations.jsonl"):
-            if resume:
-                _trim_metrics(path, start)  # lines written after the checkpoint are written again
-            elif path.exists():
-                path.unlink()
-    barrier(env)
+    try:
+        # the stored normalisation (a checkpoint's state) is reused as is: before the run dir,
+        # so a bad store or shard set leaves nothing behind
+        data = data or build_train_data(cfg, normalization=resume["normalization"] if resume else None,
+                                        rank=env.rank, world_size=env.world_size,
+                                        progress=cfg.run.progress and env.is_main)
+        if resume and resume.get("data_kind", "neural") != data.kind:
+            raise UserError(f"{ckpt_path}: written by a run on {resume.get('data_kind', 'neural')} data, data.path "
+                            f"is {data.kind} data; resume with the same data, or use another run.dir to start over")
+        if data.kind == "images" and device.type == "cpu":  # leave a core to the augmenting threads
+            threads = set_threads(cfg.run.threads, images=True)
+        if device.type == "cuda":
+            data.pin_memory()
+        plan = Plan.build(cfg, data.steps_per_epoch, data.min_time_gap_s)
+        plans = [dataclasses.replace(plan, min_time_gap_s=s.min_time_gap_s) for s in data.sessions]
+        seed_everything(cfg.run.seed)  # model initialisation: the same on every rank
+        model = build_model(cfg, data.model_input()).to(device)
+        channels_last = uses_channels_last(cfg, device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = build_optimizer(cfg, model.online_parameters())
+        mining_gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, 3, env.rank))
+        start = 0
+        if resume:
+            _check_normalization(resume, data, ckpt_path)
+            start = _load_resume(resume, model, optimizer, data, mining_gen, env, ckpt_path)
+            log.info("resuming %s at step %d", run_dir, start)
+        # DDP after loading: it broadcasts rank 0's weights at construction
+        net = wrap_ddp(model, env, sync_bn=cfg.run.sync_bn, find_unused_parameters=data.multi)
+        gather = functools.partial(all_gather_pool, env=env)
+        if env.is_main:  # the run has started: only now is the run directory written
+            created = _create_run_dir(run_dir)
+            try:
+                atomic_write_text(config_path, dump_config(cfg))
+                for path in (metrics_path, run_dir / "evaluations.jsonl"):
+                    if resume:
+                        _trim_metrics(path, start)  # lines written after the checkpoint are written again
+                    elif path.exists():
+                        path.unlink()
+            except OSError as err:
+                raise UserError(f"run.dir {run_dir}: cannot write it ({err.strerror or err}); "
+                                "choose another run.dir") from None
+        barrier(env)
+    except BaseException:
+        metrics.close()
+        if data is not None:
+            data.close()
+        if env.is_main:  # leave nothing this call created
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
+            elif not had_config and config_path.exists():
+                config_path.unlink()
+        raise
     log.info("run %s: %s, %d steps (%d per epoch), %d rank(s), device %s, %d threads",
              run_dir, cfg.method.name, plan.total_steps, plan.steps_per_epoch, env.world_size, device, threads)
 
@@ -450,7 +598,6 @@ def train(cfg: Config, data: TrainData | None = None, env: DistEnv | None = None
         return results
 
     model.train()
-    metrics = make_metrics(cfg.metrics.host, cfg.metrics.port, env.rank, env.world_size)
     bar = tqdm(total=plan.total_steps, initial=start, desc=cfg.method.name, unit="step", dynamic_ncols=True,
                disable=not (cfg.run.progress and env.is_main), file=sys.stderr)
     stop = StopRequest()
@@ -470,7 +617,7 @@ def train(cfg: Config, data: TrainData | None = None, env: DistEnv | None = None
                 set_session(model, session)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.run.amp):
                     out = train_step(net, optimizer, anchors, pool, step, cfg, mining_gen, plan=plans[session],
-                                     gather=gather, context=getattr(stream, "mining_context", None))
+                                     gather=gather, context=stream.mining_context)
                 t2 = time.perf_counter()
                 done = step + 1
                 samples += anchors[0].shape[0] * env.world_size
@@ -490,8 +637,8 @@ def train(cfg: Config, data: TrainData | None = None, env: DistEnv | None = None
                                     lam=f"{out['mining_weight']:.2f}", refresh=False)
                 if stop.requested(env):
                     checkpoint(done)
-                    log.warning("stopped by signal at step %d; checkpoint saved in %s: rerun the same command "
-                                "to resume", done, run_dir)
+                    log.warning("stopped by signal at step %d; checkpoint saved in %s: %s", done, run_dir,
+                                resume_hint)
                     return run_dir, {"stopped_at_step": done}
                 if done % cfg.train.checkpoint_every == 0 and done < plan.total_steps:
                     checkpoint(done)
@@ -560,6 +707,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("method.name supervised is the neural-data baseline; image runs take myow or byol")
         from .supervised import train_supervised
 
+        if cfg.run.dir:
+            check_run_dir(Path(cfg.run.dir))
         run_dir, results = train_supervised(cfg)
         print(to_json({**results, "run_dir": str(run_dir)}))
         return 0
