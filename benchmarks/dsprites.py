@@ -14,9 +14,7 @@ Usage: python benchmarks/dsprites.py [--rates 0.3 0.15 0.075] [--seeds 0 1 2] [-
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import json
-import multiprocessing as mp
 import os
 import statistics
 import sys
@@ -26,6 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import run_jobs  # noqa: E402
 
 
 def run_one(job: dict) -> dict:
@@ -55,7 +55,6 @@ def main() -> None:
     from preprocess.dsprites import main as dsprites_main
 
     t0 = time.perf_counter()
-    runs = []
     with tempfile.TemporaryDirectory() as tmp:
         jobs = []
         for rate in args.rates:
@@ -64,12 +63,8 @@ def main() -> None:
                 raise SystemExit("could not write the dSprites shards")
             jobs += [{"method": m, "rate": rate, "seed": s, "shards": shards, "tmp": tmp, "overrides": args.overrides,
                       "threads": 1 if args.jobs > 1 else 0} for s in args.seeds for m in args.methods]
-        with cf.ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
-            for fut in cf.as_completed([pool.submit(run_one, j) for j in jobs]):
-                r = fut.result()
-                runs.append(r)
-                print(f"[{len(runs)}/{len(jobs)}] rate {r['rate']} {r['method']} seed {r['seed']}: linear "
-                      f"{100 * r['linear_accuracy']:.2f}% ({r['seconds']:.0f} s)", file=sys.stderr, flush=True)
+        runs = run_jobs(run_one, jobs, args.jobs, lambda r: f"rate {r['rate']} {r['method']} seed {r['seed']}: linear "
+                        f"{100 * r['linear_accuracy']:.2f}% ({r['seconds']:.0f} s)")
     by = {(r["method"], r["rate"], r["seed"]): r for r in runs}
     summary: dict = {}
     lines = ["| rate | " + " | ".join(f"{m} linear acc %" for m in args.methods) + " | MYOW - BYOL (paired) |",

@@ -31,12 +31,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import summarize, t_interval  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data import Normalization, load_recording  # noqa: E402
 from pipeline.evaluate import reach_readout, reach_task_rows  # noqa: E402
@@ -45,17 +45,6 @@ from pipeline.train import set_threads, train  # noqa: E402
 
 CHEWIE = ROOT.parent / "shared" / "data" / "reach-chewie-2013-10-03" / "chewie-2013-10-03-binned-100ms.npz"
 KEYS = ("reach_acc", "reach_delta_acc", "reach_val_acc", "reach_val_delta_acc")
-
-
-def summarize(runs: list[dict]) -> dict:
-    out = {}
-    for key in KEYS:
-        values = [r[key] for r in runs]
-        out[key] = round(statistics.fmean(values), 4)
-        out[key + "_std"] = round(statistics.pstdev(values), 4) if len(values) > 1 else 0.0
-        out[key + "_per_seed"] = [round(v, 4) for v in values]
-    out["seconds_per_run"] = round(statistics.fmean(r["seconds"] for r in runs), 2)
-    return out
 
 
 def run_ssl(config: str, store: str, seed: int, overrides: list[str], tmp: str) -> dict:
@@ -89,13 +78,9 @@ def run_raw(store: str) -> dict:
 
 def paired(a: list[dict], b: list[dict], key: str = "reach_acc") -> dict:
     """Per-seed a - b of ``key`` (the same seeds in the same order), mean, std and 95% t interval."""
-    from scipy import stats
-
     diffs = [x[key] - y[key] for x, y in zip(a, b)]
-    mean = statistics.fmean(diffs)
-    sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
-    half = stats.t.ppf(0.975, len(diffs) - 1) * sd / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
-    return {"mean": round(mean, 4), "std": round(sd, 4), "ci95": [round(mean - half, 4), round(mean + half, 4)],
+    mean, sd, lo, hi = t_interval(diffs)
+    return {"mean": round(mean, 4), "std": round(sd, 4), "ci95": [round(lo, 4), round(hi, 4)],
             "per_seed": [round(d, 4) for d in diffs]}
 
 
@@ -119,7 +104,7 @@ def run_recording(path: str, args, tmp: str, index: int) -> dict:
             runs[method] = [run_raw(store)]  # deterministic: one run
         else:
             raise SystemExit(f"unknown method {method!r}")
-        out[method] = summarize(runs[method])
+        out[method] = summarize(runs[method], KEYS)
         print(f"{Path(path).name} {method}: " + json.dumps(out[method]), file=sys.stderr)
     if "myow" in runs and "byol" in runs:
         out["myow_minus_byol"] = paired(runs["myow"], runs["byol"])

@@ -28,10 +28,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import json
-import math
-import multiprocessing as mp
 import os
 import statistics
 import sys
@@ -39,25 +36,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import run_jobs, t_interval  # noqa: E402
+
 CHEWIE = ROOT.parent / "shared" / "data" / "reach-chewie-2013-10-03" / "chewie-2013-10-03-binned-100ms.npz"
-
-
-def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float, float]:
-    """(mean, std, lo, hi): the mean of ``values`` and its two-sided t confidence interval."""
-    from scipy import stats
-
-    n = len(values)
-    mean = statistics.fmean(values)
-    if n < 2:
-        return mean, 0.0, float("nan"), float("nan")
-    sd = statistics.stdev(values)
-    half = stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
-    return mean, sd, mean - half, mean + half
 
 
 def prepare_store(path: str, tmp: str, index: int) -> str:
@@ -199,13 +184,8 @@ def main() -> None:
         jobs = [{"recording": rec, "store": store, "candidate": name, "overrides": [*args.common, *ov],
                  "seed": seed, "config": args.config, "tmp": tmp, "folds": args.folds, "threads": threads}
                 for seed in args.seeds for rec, store in zip(names, stores) for name, ov in candidates]
-        runs = []
-        with cf.ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
-            for fut in cf.as_completed([pool.submit(run_one, j) for j in jobs]):
-                r = fut.result()
-                runs.append(r)
-                print(f"[{len(runs)}/{len(jobs)}] {r['recording']} {r['candidate']} seed {r['seed']}: "
-                      f"CV acc {100 * r['cv_acc']:.2f}% ({r['seconds']:.0f} s)", file=sys.stderr, flush=True)
+        runs = run_jobs(run_one, jobs, args.jobs, lambda r: f"{r['recording']} {r['candidate']} seed {r['seed']}: "
+                        f"CV acc {100 * r['cv_acc']:.2f}% ({r['seconds']:.0f} s)")
     summary = summarize(runs, [n for n, _ in candidates], baseline, names)
     print(markdown(summary, baseline), file=sys.stderr)
     result = {"benchmark": "select", "recordings": names, "seeds": args.seeds, "folds": args.folds,

@@ -17,9 +17,7 @@ Usage: python benchmarks/sleep.py [--seeds 0 1 2] [--jobs 2] [--set key=value ..
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import json
-import multiprocessing as mp
 import os
 import statistics
 import sys
@@ -29,6 +27,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import run_jobs, summarize  # noqa: E402
 
 SLEEP = ROOT.parent / "shared" / "data" / "sleep-mouse-ca1-12h" / "mouse-ca1-12h-4s.npz"
 KEYS = ("weighted_f1", "macro_f1", "accuracy", "val_weighted_f1")
@@ -76,19 +76,6 @@ def raw_readout(store: str) -> dict:
     return {**res, "arousal_val_weighted_f1": res["val_weighted_f1"]}
 
 
-def summarize(runs: list[dict]) -> dict:
-    out = {}
-    for key in KEYS:
-        values = [r[key] for r in runs if r[key] is not None]
-        if not values:
-            continue
-        out[key] = round(statistics.fmean(values), 4)
-        out[key + "_std"] = round(statistics.pstdev(values), 4) if len(values) > 1 else 0.0
-        out[key + "_per_seed"] = [round(v, 4) for v in values]
-    out["seconds_per_run"] = round(statistics.fmean(r["seconds"] for r in runs), 1)
-    return out
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -112,15 +99,10 @@ def main() -> None:
             raise SystemExit("could not build the store")
         jobs = [{"method": m, "seed": s, "store": store, "tmp": tmp, "threads": threads, "overrides": args.overrides}
                 for s in args.seeds for m in args.methods if not (m == "raw" and s != args.seeds[0])]
-        runs: list[dict] = []
-        with cf.ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
-            for fut in cf.as_completed([pool.submit(run_one, j) for j in jobs]):
-                r = fut.result()
-                runs.append(r)
-                print(f"[{len(runs)}/{len(jobs)}] {r['method']} seed {r['seed']}: weighted F1 "
-                      f"{100 * r['weighted_f1']:.2f}% ({r['seconds']:.0f} s)", file=sys.stderr, flush=True)
+        runs = run_jobs(run_one, jobs, args.jobs, lambda r: f"{r['method']} seed {r['seed']}: weighted F1 "
+                        f"{100 * r['weighted_f1']:.2f}% ({r['seconds']:.0f} s)")
     for method in args.methods:
-        result[method] = summarize(sorted((r for r in runs if r["method"] == method), key=lambda r: r["seed"]))
+        result[method] = summarize(sorted((r for r in runs if r["method"] == method), key=lambda r: r["seed"]), KEYS)
     if "myow" in args.methods and "byol" in args.methods:
         by = {(r["method"], r["seed"]): r for r in runs}
         diffs = [by[("myow", s)]["weighted_f1"] - by[("byol", s)]["weighted_f1"] for s in args.seeds]

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import errno
 import functools
 import json
 import logging
@@ -42,9 +41,7 @@ import os
 import random
 import shutil
 import signal
-import socket
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -62,14 +59,14 @@ from preprocess.errors import UserError, run_cli, setup_logging
 
 from .build import build_model, build_optimizer, uses_channels_last
 from .checkpoint import (CHECKPOINT_NAME, TRAIN_FIX, atomic_write_text, checkpoint_error, load_checkpoint, rng_state,
-                         save_checkpoint, set_rng_state, state_dict_problem)
+                         save_checkpoint)
 from .cli import OneLineParser, to_json
 from .config import Config, config_to_dict, dump_config, load_config
 from .context import MiningContext
 from .distributed import (DistEnv, all_gather_pool, all_reduce_mean, barrier, broadcast_object, configure_rank_logging,
                           gather_object, init_distributed, shutdown, wrap_ddp)
-from .data import TrainData, build_train_data, data_kind, derive_seed, normalizations_from
-from .metrics import NullMetrics, make_metrics
+from .data import TrainData, build_train_data, data_kind, derive_seed
+from .startup import check_normalization, check_run_dir, create_run_dir, load_resume, start_metrics
 
 log = logging.getLogger("pipeline.train")
 PROG = "python -m pipeline.train"
@@ -370,116 +367,6 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def _nearest_existing(path: Path) -> Path:
-    path = path.absolute()
-    while not (path.exists() or path.is_symlink()) and path != path.parent:
-        path = path.parent
-    return path
-
-
-def check_run_dir(run_dir: Path) -> None:
-    """UserError unless ``run_dir`` is a writable directory or can be created as one.
-
-    Writes nothing: writability is probed with an anonymous temporary file (O_TMPFILE),
-    which works for root and on read-only mounts too, where os.access says yes."""
-    if run_dir.exists() or run_dir.is_symlink():
-        if not run_dir.is_dir():
-            raise UserError(f"run.dir {run_dir}: exists and is not a directory; choose another run.dir")
-        where, what = run_dir, "the directory is not writable"
-    else:
-        where = _nearest_existing(run_dir)
-        if not where.is_dir():
-            raise UserError(f"run.dir {run_dir}: cannot create it, {where} is a file; choose another run.dir")
-        what = f"cannot create it, {where} is not writable"
-    try:
-        with tempfile.TemporaryFile(dir=where):
-            pass
-    except OSError as err:
-        reason = f" ({err.strerror})" if err.strerror and err.errno != errno.ENOENT else ""
-        raise UserError(f"run.dir {run_dir}: {what}{reason}; choose another run.dir or fix its permissions") from None
-
-
-def _create_run_dir(run_dir: Path) -> Path | None:
-    """mkdir -p ``run_dir``; returns the top-most directory this created (None: it existed)."""
-    missing, path = [], run_dir.absolute()
-    while not (path.exists() or path.is_symlink()):
-        missing.append(path)
-        path = path.parent
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        if missing and missing[-1].exists():
-            shutil.rmtree(missing[-1], ignore_errors=True)
-        raise UserError(f"run.dir {run_dir}: cannot create it ({err.strerror or err}); choose another run.dir") from None
-    return missing[-1] if missing else None
-
-
-def _start_metrics(cfg: Config, env: DistEnv) -> NullMetrics:
-    """The rank's Prometheus endpoint, bound (or NullMetrics); UserError naming metrics.host
-    or metrics.port when it cannot be served."""
-    host, port = cfg.metrics.host, cfg.metrics.port
-    if not port:
-        return NullMetrics()
-    fix = "use an address of this machine (127.0.0.1, or 0.0.0.0 for every interface), or metrics.port=0 to disable"
-    try:
-        infos = socket.getaddrinfo(host or None, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except (OSError, UnicodeError, ValueError) as err:
-        reason = getattr(err, "strerror", None) or "not a valid host name"
-        raise UserError(f"metrics.host {host!r}: not a known host name or address ({reason}); {fix}") from None
-    try:
-        return make_metrics(host, port, env.rank, env.world_size)
-    except OverflowError:
-        raise UserError(f"metrics.port {port}: port + LOCAL_RANK is beyond 65535; choose a lower metrics.port") from None
-    except UserError:
-        family, kind, proto, _, address = infos[0]
-        try:  # the host itself cannot be bound (not an address of this machine): name the host
-            with socket.socket(family, kind, proto) as probe:
-                probe.bind(address)
-        except OSError as err:
-            raise UserError(f"metrics.host {host!r}: cannot serve metrics there ({err.strerror or err}); {fix}") from None
-        raise
-
-
-def _load_resume(resume: dict, model: nn.Module, optimizer: torch.optim.Optimizer, data, mining_gen: torch.Generator,
-                 env: DistEnv, ckpt_path: Path) -> int:
-    """Restore the checkpoint's states; UserError naming checkpoint.pt when one does not fit."""
-    parts = (("model weights", lambda: model.load_state_dict(resume["model"])),
-             ("optimizer state", lambda: optimizer.load_state_dict(resume["optimizer"])),
-             ("data stream state", lambda: data.load_state_dict(_per_rank(resume["data"], env))),
-             ("random state", lambda: set_rng_state(_per_rank(resume["rng"], env), mining_gen)))
-    for what, load in parts:
-        try:
-            load()
-        except UserError:
-            raise
-        except Exception as err:  # a size mismatch, missing keys, a wrong type, ...
-            raise checkpoint_error(ckpt_path, f"its {what} cannot be restored into this run "
-                                              f"({state_dict_problem(err)})", TRAIN_FIX) from None
-    return int(resume["step"])
-
-
-def _check_normalization(resume: dict, data, ckpt_path: Path) -> None:
-    """A neural checkpoint's normalisation: one (N,) mean and std per session, N = the
-    session's units (before it is used; images store their own kind of state)."""
-    if resume.get("data_kind", "neural") == "images":
-        return
-    try:
-        norms = normalizations_from(resume["normalization"])
-        norms = norms if isinstance(norms, list) else [norms]
-        sizes = [int(n.mean.shape[0]) for n in norms]
-        if any(n.mean.dim() != 1 or n.std.shape != n.mean.shape for n in norms):
-            raise ValueError("mean and std must be (N,) vectors")
-    except Exception as err:
-        raise checkpoint_error(ckpt_path, f"its normalization is not usable ({type(err).__name__}: {err})",
-                               TRAIN_FIX) from None
-    if data is not None:
-        inputs = data.model_input()
-        inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
-        if sizes != inputs:
-            raise checkpoint_error(ckpt_path, f"its normalization is for {sizes} units, data.path has {inputs}",
-                                   TRAIN_FIX)
-
-
 def resolve_run_dir(cfg: Config, env: DistEnv) -> Path:
     """``run.dir``, or a new runs/<method>-<time> chosen by rank 0 and shared with every rank."""
     run_dir = Path(cfg.run.dir) if cfg.run.dir else (default_run_dir(cfg) if env.is_main else None)
@@ -515,9 +402,9 @@ def train(cfg: Config, data: TrainData | None = None, env: DistEnv | None = None
     if cfg.run.resume and (ckpt_path.exists() or ckpt_path.is_symlink()):
         resume = load_checkpoint(ckpt_path, fix=TRAIN_FIX)
         check_resumable(resume, cfg, env.world_size, ckpt_path)
-        _check_normalization(resume, None, ckpt_path)
+        check_normalization(resume, None, ckpt_path)
 
-    metrics = _start_metrics(cfg, env)  # a busy port or bad host fails before minutes of data loading
+    metrics = start_metrics(cfg, env)  # a busy port or bad host fails before minutes of data loading
     created: Path | None = None
     config_path = run_dir / "config.yaml"
     had_config = config_path.exists()
@@ -546,14 +433,14 @@ def train(cfg: Config, data: TrainData | None = None, env: DistEnv | None = None
         mining_gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, 3, env.rank))
         start = 0
         if resume:
-            _check_normalization(resume, data, ckpt_path)
-            start = _load_resume(resume, model, optimizer, data, mining_gen, env, ckpt_path)
+            check_normalization(resume, data, ckpt_path)
+            start = load_resume(resume, model, optimizer, data, mining_gen, env, ckpt_path)
             log.info("resuming %s at step %d", run_dir, start)
         # DDP after loading: it broadcasts rank 0's weights at construction
         net = wrap_ddp(model, env, sync_bn=cfg.run.sync_bn, find_unused_parameters=data.multi)
         gather = functools.partial(all_gather_pool, env=env)
         if env.is_main:  # the run has started: only now is the run directory written
-            created = _create_run_dir(run_dir)
+            created = create_run_dir(run_dir)
             try:
                 atomic_write_text(config_path, dump_config(cfg))
                 for path in (metrics_path, run_dir / "evaluations.jsonl"):
@@ -656,11 +543,6 @@ def train(cfg: Config, data: TrainData | None = None, env: DistEnv | None = None
         atomic_write_text(run_dir / "eval.json", to_json(results) + "\n")
     barrier(env)
     return run_dir, results
-
-
-def _per_rank(state, env: DistEnv):
-    """This rank's entry of a per-rank checkpoint list (older single-process checkpoints: the state)."""
-    return state[env.rank] if isinstance(state, list) else state
 
 
 # --------------------------------------------------------------------------- CLI
