@@ -5,6 +5,7 @@ label classifiers (weighted F1, class weighting, the supervised label baseline).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -170,3 +171,25 @@ def test_mining_context_run_resumes_exactly(tmp_path):
     read = lambda d: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert [(r["loss_total"], r["mined_label_agreement_ratio"]) for r in read(cut)] == \
         [(r["loss_total"], r["mined_label_agreement_ratio"]) for r in read(full)]
+
+
+# --------------------------------------------------------------------------- real data: the sleep recording
+
+SLEEP_NPZ = Path(__file__).parents[2] / ".." / "shared" / "data" / "sleep-mouse-ca1-12h" / "mouse-ca1-12h-4s.npz"
+
+
+@pytest.mark.skipif(not SLEEP_NPZ.exists(), reason="../shared/data/sleep-mouse-ca1-12h is absent")
+def test_shipped_sleep_config_trains_with_time_exclusion_and_context(tmp_path):
+    from preprocess import bin_spikes
+
+    store = tmp_path / "sleep.zarr"
+    assert bin_spikes.main([str(SLEEP_NPZ), "--out", str(store), "--no-progress"]) == 0
+    cfg = load_config(str(Path(__file__).parents[2] / "configs" / "sleep_myow.yaml"),
+                      [f"data.path={store}", f"run.dir={tmp_path / 'run'}", "train.max_steps=20", "train.log_every=5",
+                       "run.threads=1", "run.progress=false", "eval.tsne=false"])
+    run_dir, results = train(cfg)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    mined = [r for r in rows if r["mined_valid_ratio"] is not None]
+    assert mined and all(r["mined_time_gap_seconds"] >= 1800 for r in mined)  # >= 30 min away
+    assert {"arousal_weighted_f1", "arousal_macro_f1", "arousal_accuracy", "weighted_f1"} <= set(results)
+    assert results["weighted_f1"] > 0.5
