@@ -209,10 +209,12 @@ def reach_readout(features_train: np.ndarray, y_train: np.ndarray, features_val:
 
 def classification_readout(features_train: np.ndarray, y_train: np.ndarray, features_val: np.ndarray,
                            y_val: np.ndarray, features_test: np.ndarray, y_test: np.ndarray,
-                           cs: np.ndarray = LOGREG_CS, class_weights=(None, "balanced")) -> dict:
+                           cs: np.ndarray = LOGREG_CS, class_weights="auto") -> dict:
     """Multinomial logistic regression on standardised features; C and the class weighting
     (none, or balanced as in myow-neuro's sleep classifier) chosen by validation macro-F1
     (ties: accuracy, then the earlier candidate: unweighted, smaller C); test metrics there.
+    ``class_weights`` "auto": balanced is tried only when the training classes are
+    imbalanced (largest / smallest count > 2), where weighting can matter.
 
     Returns {accuracy, macro_f1, weighted_f1, val_accuracy, val_macro_f1, val_weighted_f1,
     C, balanced}, or {} when train has < 2 classes.
@@ -221,8 +223,11 @@ def classification_readout(features_train: np.ndarray, y_train: np.ndarray, feat
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import f1_score
 
-    if len(np.unique(y_train)) < 2:
+    _, counts = np.unique(y_train, return_counts=True)
+    if len(counts) < 2:
         return {}
+    if class_weights == "auto":
+        class_weights = (None, "balanced") if counts.max() > 2 * counts.min() else (None,)
     z = _standardizer(features_train)
     xtr, xva, xte = z(features_train), z(features_val), z(features_test)
 
