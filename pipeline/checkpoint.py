@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import random
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,8 @@ import torch
 from preprocess.errors import UserError
 
 __all__ = ["CHECKPOINT_NAME", "CHECKPOINT_KEYS", "save_checkpoint", "load_checkpoint", "checkpoint_error",
-           "state_dict_problem", "EVALUATE_FIX", "TRAIN_FIX", "rng_state", "set_rng_state", "atomic_write_text"]
+           "state_dict_problem", "EVALUATE_FIX", "TRAIN_FIX", "rng_state", "set_rng_state", "atomic_write_text",
+           "dir_write_error"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_KEYS = ("model", "optimizer", "step", "epoch", "config", "normalization", "data", "rng")
@@ -156,3 +158,15 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def dir_write_error(path: str | os.PathLike) -> OSError | None:
+    """Why no file can be created in the directory ``path`` (None: one can), probed with an
+    anonymous temporary file that leaves no trace (right for root and read-only mounts too,
+    where os.access says yes)."""
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        return err
+    return None

@@ -164,7 +164,8 @@ class Augmenter:
             rates: (n, N) float32 firing rates (Hz); not modified.
             generator: torch.Generator for every random draw.
             drop: True = draw a dropout mask here; a (n, N) bool mask = use it (structured
-                dropout shared between views); None/False = no dropout.
+                dropout shared between views; ignored by an augmenter without dropout, e.g.
+                T_m = identity, :func:`no_augmentation`); None/False = no dropout.
 
         Returns:
             (n, N) float32 normalised augmented view (a new contiguous tensor).
@@ -173,7 +174,8 @@ class Augmenter:
         n, n_units = rates.shape
         if drop is True:
             drop = self.dropout_mask(n, n_units, generator)
-        x = rates.masked_fill(drop, 0.0) if isinstance(drop, torch.Tensor) else rates.clone()
+        drops_units = isinstance(drop, torch.Tensor) and c.dropout_max > 0 and c.dropout_apply_p > 0
+        x = rates.masked_fill(drop, 0.0) if drops_units else rates.clone()
         # Pepper and noise: random numbers are drawn only for the rows they apply to (about
         # half of them by default).
         if c.pepper_p > 0 and c.pepper_apply_p > 0 and c.pepper_value != 0:
@@ -191,12 +193,6 @@ class Augmenter:
 def no_augmentation(norm: Normalization) -> Augmenter:
     """T_m = identity: an Augmenter that only normalises (``method.mining_augment: false``)."""
     return Augmenter(AugmentConfig(dropout_max=0.0, noise_std=0.0, pepper_p=0.0), norm)
-
-
-def mining_input(augment: Augmenter, mining_augment: Augmenter, rates: torch.Tensor, generator: torch.Generator,
-                 drop) -> torch.Tensor:
-    """x_m = t_m(s): with T_m = T the views' dropout mask (structured dropout) is shared."""
-    return augment(rates, generator, drop) if mining_augment is augment else mining_augment(rates, generator, None)
 
 
 # --------------------------------------------------------------------------- training samples
@@ -282,7 +278,7 @@ class AnchorSampler:
         drop = self.augment.dropout_mask(*rates.shape, g) if self.structured else True
         x1 = self.augment(rates, g, drop)
         x2 = self.augment(s.rates.index_select(0, positive), g, drop)
-        x_m = mining_input(self.augment, self.mining_augment, rates, g, drop) if self.mining_view else None
+        x_m = self.mining_augment(rates, g, drop) if self.mining_view else None
         return x1, x2, x_m, _take_meta(s.meta, anchor)
 
     def state_dict(self) -> dict:

@@ -41,11 +41,13 @@ from model import set_session
 from preprocess.errors import UsageError, UserError, run_cli, setup_logging
 
 from .build import build_model
-from .checkpoint import CHECKPOINT_NAME, EVALUATE_FIX, checkpoint_error, load_checkpoint, state_dict_problem
+from .checkpoint import (CHECKPOINT_NAME, EVALUATE_FIX, checkpoint_error, dir_write_error, load_checkpoint,
+                         state_dict_problem)
 from .cli import OneLineParser, to_json
 from .config import Config, ConfigError, build_config
 from .data import Normalization, normalizations_from, session_urls
 from .recording import Recording, hand_speed, open_store, split_rows
+from .startup import check_normalization
 
 log = logging.getLogger("pipeline.evaluate")
 PROG = "python -m pipeline.evaluate"
@@ -496,19 +498,6 @@ def load_run(run_dir: str | os.PathLike) -> tuple[Config, dict]:
     return cfg, ckpt
 
 
-def _writable_dir(path: Path) -> bool:
-    """Whether a file can be created in the directory ``path`` (probed with an anonymous
-    temporary file: right for root and read-only mounts too, where os.access says yes)."""
-    import tempfile
-
-    try:
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError:
-        return False
-    return True
-
-
 def export_target(path: str | os.PathLike, overwrite: bool = False) -> Path:
     """The ``--export-embeddings`` path, checked before any work: UserError when it is a
     directory, an existing file (unless ``overwrite``), or its directory is missing or not
@@ -525,7 +514,7 @@ def export_target(path: str | os.PathLike, overwrite: bool = False) -> Path:
     parent = path.parent
     if not parent.is_dir():
         raise UserError(f"{flag}: directory {parent} does not exist; create it or choose another location")
-    if not _writable_dir(parent):
+    if dir_write_error(parent) is not None:
         raise UserError(f"{flag}: directory {parent} is not writable; choose another location")
     return path
 
@@ -557,7 +546,7 @@ def evaluate_run(run_dir: str | os.PathLike, data: str | None = None, export: st
     cfg, ckpt = load_run(run_dir)
     if export:
         export_target(export, overwrite)  # before minutes of evaluation, not after
-    if plots and not _writable_dir(Path(run_dir)):
+    if plots and dir_write_error(run_dir) is not None:
         raise UserError(f"--run {run_dir}: the run directory is not writable, so the plots cannot be saved; "
                         "pass --no-plots")
     if ckpt.get("data_kind") == "images":
@@ -565,13 +554,9 @@ def evaluate_run(run_dir: str | os.PathLike, data: str | None = None, export: st
 
         return evaluate_image_run(run_dir, cfg, ckpt, data=data, export=export, plots=plots)
     ckpt_path = Path(run_dir) / CHECKPOINT_NAME
-    try:
-        norms = normalizations_from(ckpt["normalization"])
-        norms = norms if isinstance(norms, list) else [norms]
-        n_units = [int(n.mean.shape[0]) for n in norms]
-    except Exception as err:  # a crafted or foreign checkpoint
-        raise checkpoint_error(ckpt_path, f"its normalization is not usable ({type(err).__name__}: {err})",
-                               EVALUATE_FIX) from None
+    n_units = check_normalization(ckpt, None, ckpt_path, EVALUATE_FIX)  # a crafted or foreign checkpoint
+    norms = normalizations_from(ckpt["normalization"])
+    norms = norms if isinstance(norms, list) else [norms]
     so = cfg.data.storage_options
     if not (data or cfg.data.path):
         raise UserError("the run's config has no data.path; pass --data STORE_URL")

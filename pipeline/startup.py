@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import shutil
 import socket
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ from torch import nn
 
 from preprocess.errors import UserError
 
-from .checkpoint import TRAIN_FIX, checkpoint_error, set_rng_state, state_dict_problem
+from .checkpoint import TRAIN_FIX, checkpoint_error, dir_write_error, set_rng_state, state_dict_problem
 from .config import Config
 from .data import normalizations_from
 from .distributed import DistEnv
@@ -39,8 +38,7 @@ def nearest_existing(path: Path) -> Path:
 def check_run_dir(run_dir: Path) -> None:
     """UserError unless ``run_dir`` is a writable directory or can be created as one.
 
-    Writes nothing: writability is probed with an anonymous temporary file (O_TMPFILE),
-    which works for root and on read-only mounts too, where os.access says yes."""
+    Writes nothing (:func:`pipeline.checkpoint.dir_write_error` probes writability)."""
     if run_dir.exists() or run_dir.is_symlink():
         if not run_dir.is_dir():
             raise UserError(f"run.dir {run_dir}: exists and is not a directory; choose another run.dir")
@@ -50,12 +48,10 @@ def check_run_dir(run_dir: Path) -> None:
         if not where.is_dir():
             raise UserError(f"run.dir {run_dir}: cannot create it, {where} is a file; choose another run.dir")
         what = f"cannot create it, {where} is not writable"
-    try:
-        with tempfile.TemporaryFile(dir=where):
-            pass
-    except OSError as err:
+    err = dir_write_error(where)
+    if err is not None:
         reason = f" ({err.strerror})" if err.strerror and err.errno != errno.ENOENT else ""
-        raise UserError(f"run.dir {run_dir}: {what}{reason}; choose another run.dir or fix its permissions") from None
+        raise UserError(f"run.dir {run_dir}: {what}{reason}; choose another run.dir or fix its permissions")
 
 
 def create_run_dir(run_dir: Path) -> Path | None:
@@ -117,11 +113,12 @@ def load_resume(resume: dict, model: nn.Module, optimizer: torch.optim.Optimizer
     return int(resume["step"])
 
 
-def check_normalization(resume: dict, data, ckpt_path: Path) -> None:
+def check_normalization(resume: dict, data, ckpt_path: Path, fix: str = TRAIN_FIX) -> list[int] | None:
     """A neural checkpoint's normalisation: one (N,) mean and std per session, N = the
-    session's units (before it is used; images store their own kind of state)."""
+    session's units when ``data`` is given (before it is used; images store their own kind
+    of state: None). Returns the unit counts N per session; ``fix`` ends the error line."""
     if resume.get("data_kind", "neural") == "images":
-        return
+        return None
     try:
         norms = normalizations_from(resume["normalization"])
         norms = norms if isinstance(norms, list) else [norms]
@@ -130,13 +127,14 @@ def check_normalization(resume: dict, data, ckpt_path: Path) -> None:
             raise ValueError("mean and std must be (N,) vectors")
     except Exception as err:
         raise checkpoint_error(ckpt_path, f"its normalization is not usable ({type(err).__name__}: {err})",
-                               TRAIN_FIX) from None
+                               fix) from None
     if data is not None:
         inputs = data.model_input()
         inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
         if sizes != inputs:
             raise checkpoint_error(ckpt_path, f"its normalization is for {sizes} units, data.path has {inputs}",
-                                   TRAIN_FIX)
+                                   fix)
+    return sizes
 
 
 def per_rank(state, env: DistEnv):

@@ -228,12 +228,7 @@ class BlockAnchorStream(_BlockStream):
         drop = self.augment.dropout_mask(*anchor.shape, g) if self.structured else True
         x1 = self.augment(anchor, g, drop)
         x2 = self.augment(positive, g, drop)
-        if not self.mining_view:
-            x_m = None
-        elif self.mining_augment is self.augment:  # T_m = T: the views' (structured) dropout mask is shared
-            x_m = self.augment(anchor, g, drop)
-        else:
-            x_m = self.mining_augment(anchor, g, None)
+        x_m = self.mining_augment(anchor, g, drop) if self.mining_view else None
         return x1, x2, x_m, self.rec.meta(got["row"])
 
     def _buffer_state(self) -> dict:
