@@ -30,7 +30,7 @@ from benchmarks.common import run_jobs  # noqa: E402
 
 def run_one(job: dict) -> dict:
     from pipeline.config import load_config
-    from pipeline.train import train
+    from pipeline.loop import train
 
     cfg = load_config(str(ROOT / "configs" / f"dsprites_{job['method']}.yaml"),
                       [f"data.path={job['shards']}", f"run.seed={job['seed']}",

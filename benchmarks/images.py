@@ -38,8 +38,11 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.build import build_model, build_optimizer  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.data import build_train_data, derive_seed  # noqa: E402
-from pipeline.train import Plan, schedules, seed_everything, set_threads, train, train_step  # noqa: E402
+from pipeline.data.stages import derive_seed  # noqa: E402
+from pipeline.kinds import build_train_data  # noqa: E402
+from pipeline.loop import train  # noqa: E402
+from pipeline.runtime import seed_everything, set_threads  # noqa: E402
+from pipeline.step import Plan, schedules, train_step  # noqa: E402
 
 MNIST = ROOT.parent / "shared" / "data" / "mnist-t10k"
 
@@ -53,7 +56,7 @@ def stepper(method: str, shards: str, batch: int, seed: int):
     """One full training step per call: both streams' next batch + train_step (steady state)."""
     cfg = config(method, shards, f"optim.batch_size={batch}", f"method.pool_size={batch}", f"run.seed={seed}")
     data = build_train_data(cfg)
-    plan = Plan.build(cfg, data.steps_per_epoch, data.min_time_gap_s)
+    plan = Plan.build(cfg, data.steps_per_epoch, data.sessions[0].min_time_gap_s)
     seed_everything(seed)
     model = build_model(cfg, data.model_input()).train()
     opt = build_optimizer(cfg, model.online_parameters())
@@ -61,8 +64,8 @@ def stepper(method: str, shards: str, batch: int, seed: int):
     state = {"step": plan.mining_ramp_steps + plan.mining_warmup_steps + 1}
 
     def step() -> None:
-        anchors = next(data.anchors)
-        pool = next(data.pool) if schedules(state["step"], cfg, plan)[2] > 0 else None
+        anchors = next(data.sessions[0].anchors)
+        pool = next(data.sessions[0].pool) if schedules(state["step"], cfg, plan)[2] > 0 else None
         train_step(model, opt, anchors, pool, state["step"], cfg, gen, plan=plan)
         state["step"] += 1
     return step, data

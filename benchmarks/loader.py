@@ -91,7 +91,7 @@ def loader_samples_per_s(url: str, seconds: float, storage_options: dict | None 
                          loading: str = "stream", extra: list[str] | None = None) -> tuple[float, dict]:
     """Anchors per second drawing one anchor batch (B) and one pool (L) per step."""
     from pipeline.config import load_config
-    from pipeline.data import build_train_data
+    from pipeline.kinds import build_train_data
 
     overrides = [f"data.path={url}", f"data.loading={loading}", "data.min_speed=0", "run.progress=false",
                  f"optim.batch_size={B}", f"method.pool_size={L}", "method.mining_view=separate"]
@@ -101,10 +101,10 @@ def loader_samples_per_s(url: str, seconds: float, storage_options: dict | None 
     t_build = time.perf_counter()
     data = build_train_data(cfg)
     build_s = time.perf_counter() - t_build
-    next(data.anchors), next(data.pool)  # start-up: first blocks, threads
+    next(data.sessions[0].anchors), next(data.sessions[0].pool)  # start-up: first blocks, threads
     steps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        next(data.anchors), next(data.pool)
+        next(data.sessions[0].anchors), next(data.sessions[0].pool)
         steps += 1
     rate = steps * B / (time.perf_counter() - t0)
     data.close()
@@ -114,7 +114,7 @@ def loader_samples_per_s(url: str, seconds: float, storage_options: dict | None 
 def baseline_samples_per_s(arrays: dict, seconds: float) -> float:
     from original_generator import OriginalGenerator, samples_per_s
 
-    from pipeline.recording import split_rows
+    from pipeline.data.recording import split_rows
 
     rates = arrays["counts"].astype(np.float32) / 0.1
     trial = np.full(len(rates), -1, dtype=np.int64)  # the same training rows the loader samples
@@ -202,7 +202,7 @@ def peak_rss_bytes() -> int:
 def stream_whole_store(url: str) -> dict:
     """(Child process) stream one epoch of anchors (+ a pool per step); report peak RSS."""
     from pipeline.config import load_config
-    from pipeline.data import build_train_data
+    from pipeline.kinds import build_train_data
 
     cfg = load_config(str(ROOT / "configs" / "reach_myow.yaml"),
                       [f"data.path={url}", "data.loading=stream", "data.min_speed=0", "run.progress=false",
@@ -212,7 +212,7 @@ def stream_whole_store(url: str) -> dict:
     t1 = time.perf_counter()
     steps = data.steps_per_epoch
     for _ in range(steps):
-        next(data.anchors), next(data.pool)
+        next(data.sessions[0].anchors), next(data.sessions[0].pool)
     t2 = time.perf_counter()
     data.close()
     return {"peak_rss_gb": peak_rss_bytes() / 1e9,
@@ -223,7 +223,7 @@ def stream_whole_store(url: str) -> dict:
 def data_wait_ratio(workdir: Path, steps: int) -> dict:
     """Train the reach config for ``steps`` steps; share of (step + wait) time spent waiting."""
     from pipeline.config import load_config
-    from pipeline.train import train
+    from pipeline.loop import train
     from preprocess import bin_spikes
 
     if CHEWIE.exists():
@@ -267,7 +267,7 @@ def main() -> None:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    from pipeline.train import set_threads
+    from pipeline.runtime import set_threads
 
     set_threads(0)
     tmp = tempfile.TemporaryDirectory() if not args.workdir else None

@@ -38,8 +38,9 @@ sys.path.insert(0, str(ROOT))
 from model import exclusion_mask  # noqa: E402
 from pipeline.build import build_model, build_optimizer  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.data import build_train_data  # noqa: E402
-from pipeline.train import Plan, schedules, seed_everything, set_threads, train_step  # noqa: E402
+from pipeline.kinds import build_train_data  # noqa: E402
+from pipeline.runtime import seed_everything, set_threads  # noqa: E402
+from pipeline.step import Plan, schedules, train_step  # noqa: E402
 
 CHEWIE = ROOT.parent / "shared" / "data" / "reach-chewie-2013-10-03" / "chewie-2013-10-03-binned-100ms.npz"
 KS = (1, 5, 20, 100)
@@ -111,7 +112,7 @@ def main() -> None:
         diag_cfg = load_config(args.config, [*common, f"run.seed={args.seed + 7919}", "method.name=myow",
                                              *args.overrides])
         diag = build_train_data(diag_cfg, normalization=norm)
-        plan = Plan.build(cfg, data.steps_per_epoch, data.min_time_gap_s)
+        plan = Plan.build(cfg, data.steps_per_epoch, data.sessions[0].min_time_gap_s)
         seed_everything(cfg.run.seed)
         model = build_model(cfg, data.model_input()).train()
         opt = build_optimizer(cfg, model.online_parameters())

@@ -38,10 +38,13 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import summarize, t_interval  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.data import Normalization, load_recording  # noqa: E402
-from pipeline.evaluate import reach_readout, reach_task_rows  # noqa: E402
+from pipeline.data.augment import Normalization  # noqa: E402
+from pipeline.data.recording import load_recording  # noqa: E402
+from pipeline.readout.neural import reach_task_rows  # noqa: E402
+from pipeline.readout.probes import reach_readout  # noqa: E402
 from pipeline.supervised import fit_supervised  # noqa: E402
-from pipeline.train import set_threads, train  # noqa: E402
+from pipeline.loop import train  # noqa: E402
+from pipeline.runtime import set_threads  # noqa: E402
 
 CHEWIE = ROOT.parent / "shared" / "data" / "reach-chewie-2013-10-03" / "chewie-2013-10-03-binned-100ms.npz"
 KEYS = ("reach_acc", "reach_delta_acc", "reach_val_acc", "reach_val_delta_acc")

@@ -58,7 +58,7 @@ def worker(store: str, steps: int, out_path: str) -> None:
 
     import pipeline.train as T
     from pipeline.config import load_config
-    from pipeline.data import build_train_data
+    from pipeline.kinds import build_train_data
     from pipeline.build import build_model, build_optimizer
     from pipeline.distributed import all_gather_pool, barrier, gather_object, init_distributed, shutdown, wrap_ddp
 
@@ -83,9 +83,9 @@ def worker(store: str, steps: int, out_path: str) -> None:
     T.mine_views = timed("mining", T.mine_views)
     gather = timed("gather", functools.partial(all_gather_pool, env=env))
     data = build_train_data(cfg, rank=env.rank, world_size=env.world_size)
-    plan = T.Plan.build(cfg, data.steps_per_epoch, data.min_time_gap_s)
+    plan = T.Plan.build(cfg, data.steps_per_epoch, data.sessions[0].min_time_gap_s)
     torch.manual_seed(0)
-    model = build_model(cfg, data.recording.n_units).to(env.device).train()
+    model = build_model(cfg, data.sessions[0].recording.n_units).to(env.device).train()
     opt = build_optimizer(cfg, model.online_parameters())
     net = wrap_ddp(model, env)
     gen = torch.Generator().manual_seed(env.rank)
@@ -96,7 +96,7 @@ def worker(store: str, steps: int, out_path: str) -> None:
             t.append(0.0)
         barrier(env)
         t0 = time.perf_counter()
-        anchors, pool = T._to(next(data.anchors), env.device), T._to(next(data.pool), env.device)
+        anchors, pool = T._to(next(data.sessions[0].anchors), env.device), T._to(next(data.sessions[0].pool), env.device)
         T.train_step(net, opt, anchors, pool, first + i, cfg, gen, plan=plan, gather=gather)
         if env.device.type == "cuda":
             torch.cuda.synchronize()

@@ -64,10 +64,12 @@ def run_one(job: dict) -> dict:
     from pipeline.build import build_model
     from pipeline.checkpoint import load_checkpoint
     from pipeline.config import load_config
-    from pipeline.data import normalizations_from
-    from pipeline.evaluate import embed, reach_cv_readout, reach_task_rows
-    from pipeline.recording import open_store
-    from pipeline.train import set_threads, train
+    from pipeline.data.augment import normalizations_from
+    from pipeline.readout.neural import embed, reach_task_rows
+    from pipeline.readout.probes import reach_cv_readout
+    from pipeline.data.recording import open_store
+    from pipeline.loop import train
+    from pipeline.runtime import set_threads
 
     if job["threads"]:
         set_threads(job["threads"])

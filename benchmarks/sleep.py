@@ -37,7 +37,8 @@ PAPER = {"myow": 93.70, "byol": 93.24, "supervised": 93.01}  # weighted F1 %, pa
 
 def run_one(job: dict) -> dict:
     from pipeline.config import load_config
-    from pipeline.train import set_threads, train
+    from pipeline.loop import train
+    from pipeline.runtime import set_threads
     from pipeline.supervised import train_supervised
 
     set_threads(job["threads"])
@@ -63,9 +64,11 @@ def raw_readout(store: str) -> dict:
     """Logistic regression on z-scored raw rates (train statistics), C and weighting on validation."""
     import torch
 
-    from pipeline.data import Normalization, load_recording
-    from pipeline.evaluate import classification_readout
-    from pipeline.recording import split_rows
+    from pipeline.data.augment import Normalization
+
+    from pipeline.data.recording import load_recording
+    from pipeline.readout.probes import classification_readout
+    from pipeline.data.recording import split_rows
 
     rec = load_recording(store)
     y = rec.labels["arousal"]

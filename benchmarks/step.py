@@ -31,8 +31,9 @@ sys.path.insert(0, str(ROOT))
 from model import MYOW, SmallConvNet, exclusion_mask, mine_views  # noqa: E402
 from pipeline.build import build_model, build_optimizer  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.data import build_train_data  # noqa: E402
-from pipeline.train import Plan, set_threads, train_step  # noqa: E402
+from pipeline.kinds import build_train_data  # noqa: E402
+from pipeline.runtime import set_threads  # noqa: E402
+from pipeline.step import Plan, train_step  # noqa: E402
 
 CHEWIE = ROOT.parent / "shared" / "data" / "reach-chewie-2013-10-03" / "chewie-2013-10-03-binned-100ms.npz"
 
@@ -42,17 +43,17 @@ def neural_stepper(store: str, method: str, mining_view: str, seed: int = 0):
                       [f"data.path={store}", f"method.name={method}", f"method.mining_view={mining_view}",
                        f"run.seed={seed}", "run.progress=false"])
     data = build_train_data(cfg)
-    plan = Plan.build(cfg, data.steps_per_epoch, data.min_time_gap_s)
+    plan = Plan.build(cfg, data.steps_per_epoch, data.sessions[0].min_time_gap_s)
     torch.manual_seed(seed)
-    model = build_model(cfg, data.recording.n_units).train()
+    model = build_model(cfg, data.sessions[0].recording.n_units).train()
     opt = build_optimizer(cfg, model.online_parameters())
     gen = torch.Generator().manual_seed(seed)
     # time the steady state: past the warm-up/ramp of lambda
     state = {"step": plan.mining_ramp_steps + 1}
 
     def step() -> None:
-        anchors = next(data.anchors)
-        pool = next(data.pool) if cfg.effective_mining_weight > 0 else None
+        anchors = next(data.sessions[0].anchors)
+        pool = next(data.sessions[0].pool) if cfg.effective_mining_weight > 0 else None
         train_step(model, opt, anchors, pool, state["step"], cfg, gen, plan=plan)
         state["step"] += 1
     return step

@@ -26,6 +26,8 @@ import torch
 
 from preprocess.errors import UserError
 
+from .data.augment import normalizations_from
+
 __all__ = ["CHECKPOINT_NAME", "CHECKPOINT_KEYS", "save_checkpoint", "load_checkpoint", "checkpoint_error",
            "state_dict_problem", "EVALUATE_FIX", "TRAIN_FIX", "rng_state", "set_rng_state", "atomic_write_text",
            "dir_write_error"]
@@ -170,3 +172,27 @@ def dir_write_error(path: str | os.PathLike) -> OSError | None:
     except OSError as err:
         return err
     return None
+
+
+def check_normalization(resume: dict, data, ckpt_path: Path, fix: str = TRAIN_FIX) -> list[int] | None:
+    """A neural checkpoint's normalisation: one (N,) mean and std per session, N = the
+    session's units when ``data`` is given (before it is used; images store their own kind
+    of state: None). Returns the unit counts N per session; ``fix`` ends the error line."""
+    if resume.get("data_kind", "neural") == "images":
+        return None
+    try:
+        norms = normalizations_from(resume["normalization"])
+        norms = norms if isinstance(norms, list) else [norms]
+        sizes = [int(n.mean.shape[0]) for n in norms]
+        if any(n.mean.dim() != 1 or n.std.shape != n.mean.shape for n in norms):
+            raise ValueError("mean and std must be (N,) vectors")
+    except Exception as err:
+        raise checkpoint_error(ckpt_path, f"its normalization is not usable ({type(err).__name__}: {err})",
+                               fix) from None
+    if data is not None:
+        inputs = data.model_input()
+        inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+        if sizes != inputs:
+            raise checkpoint_error(ckpt_path, f"its normalization is for {sizes} units, data.path has {inputs}",
+                                   fix)
+    return sizes

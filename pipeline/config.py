@@ -37,7 +37,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DATA_KINDS = ("auto", "neural", "images")
 IMAGE_ENCODERS = ("convnet", "resnet18", "resnet50")  # model/encoders.py; "mlp" is for neural data
 ENCODERS = ("mlp", *IMAGE_ENCODERS)
-# the view transform sets of pipeline.images.TRANSFORM_SETS (kept in step by a test; listed
+# the view transform sets of pipeline.data.image_views.TRANSFORM_SETS (kept in step by a test; listed
 # here so that reading a config never imports torch)
 TRANSFORMS = ("cifar", "imagenet", "mnist", "mnist-all", "dsprites")
 IMAGE_SELECTIONS = ("train", "val", "test")
@@ -205,7 +205,7 @@ class MetricsConfig:
 
 @dataclass
 class ImagesConfig:
-    """Image shard sets (``data.kind: images``; read by :mod:`pipeline.images`).
+    """Image shard sets (``data.kind: images``; read by :mod:`pipeline.data.images`).
 
     What is trained on and what is evaluated on: a *selection* is a split sub-folder of
     ``data.path`` (``train``/``val``/``test``, as preprocess.shard_images writes them, or

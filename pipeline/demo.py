@@ -24,6 +24,7 @@ from preprocess.errors import UserError
 from .checkpoint import CHECKPOINT_NAME
 from .cli import to_json
 from .config import load_config
+from .loop import train
 from .startup import check_run_dir
 
 log = logging.getLogger("pipeline.demo")
@@ -38,7 +39,6 @@ def run_demo(overrides: list[str] | tuple[str, ...] = (), config: str | None = N
     from preprocess import bin_spikes
     from preprocess.simulate import simulate_reach_session, write_nwb
 
-    from .train import train
 
     config = config or DEMO_CONFIG
     if not Path(config).is_file():

@@ -1,4 +1,4 @@
-"""Prometheus metrics of one training process (DESIGN section 6), with prometheus_client.
+"""Prometheus metrics of one training process (docs/contracts.md section 6), with prometheus_client.
 
 ``MetricsServer(host, port, rank, world_size)`` registers the contract metrics in its own
 registry (one per rank, every series labelled ``rank``) and serves them on

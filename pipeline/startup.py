@@ -1,6 +1,6 @@
 """Starting a run safely: checks that must pass before anything is written to run.dir.
 
-The trainer (:func:`pipeline.train.train`) calls these in order: the run directory's place
+The trainer (:func:`pipeline.loop.train`) calls these in order: the run directory's place
 (:func:`check_run_dir`, writes nothing), the checkpoint's normalisation
 (:func:`check_normalization`), the metrics endpoint (:func:`start_metrics`), the saved
 states (:func:`load_resume`), and only then :func:`create_run_dir`. Each failure is one
@@ -9,9 +9,13 @@ states (:func:`load_resume`), and only then :func:`create_run_dir`. Each failure
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import json
+import logging
 import shutil
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,13 +23,21 @@ from torch import nn
 
 from preprocess.errors import UserError
 
-from .checkpoint import TRAIN_FIX, checkpoint_error, dir_write_error, set_rng_state, state_dict_problem
-from .config import Config
-from .data import normalizations_from
-from .distributed import DistEnv
+from .build import build_model, build_optimizer, uses_channels_last
+from .checkpoint import (CHECKPOINT_NAME, TRAIN_FIX, atomic_write_text, check_normalization, checkpoint_error,
+                         dir_write_error, load_checkpoint, set_rng_state, state_dict_problem)
+from .config import Config, config_to_dict, dump_config
+from .data.interface import TrainData
+from .data.stages import derive_seed
+from .distributed import DistEnv, barrier, broadcast_object, init_distributed, wrap_ddp
+from .kinds import build_train_data
 from .metrics import NullMetrics, make_metrics
+from .runtime import default_run_dir, seed_everything, set_threads
+from .step import Plan
 
-__all__ = ["check_run_dir", "create_run_dir", "start_metrics", "load_resume", "check_normalization", "per_rank"]
+log = logging.getLogger("pipeline.train")
+
+__all__ = ["check_run_dir", "create_run_dir", "start_metrics", "load_resume", "per_rank", "start_run", "Run"]
 
 
 def nearest_existing(path: Path) -> Path:
@@ -113,30 +125,172 @@ def load_resume(resume: dict, model: nn.Module, optimizer: torch.optim.Optimizer
     return int(resume["step"])
 
 
-def check_normalization(resume: dict, data, ckpt_path: Path, fix: str = TRAIN_FIX) -> list[int] | None:
-    """A neural checkpoint's normalisation: one (N,) mean and std per session, N = the
-    session's units when ``data`` is given (before it is used; images store their own kind
-    of state: None). Returns the unit counts N per session; ``fix`` ends the error line."""
-    if resume.get("data_kind", "neural") == "images":
-        return None
-    try:
-        norms = normalizations_from(resume["normalization"])
-        norms = norms if isinstance(norms, list) else [norms]
-        sizes = [int(n.mean.shape[0]) for n in norms]
-        if any(n.mean.dim() != 1 or n.std.shape != n.mean.shape for n in norms):
-            raise ValueError("mean and std must be (N,) vectors")
-    except Exception as err:
-        raise checkpoint_error(ckpt_path, f"its normalization is not usable ({type(err).__name__}: {err})",
-                               fix) from None
-    if data is not None:
-        inputs = data.model_input()
-        inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
-        if sizes != inputs:
-            raise checkpoint_error(ckpt_path, f"its normalization is for {sizes} units, data.path has {inputs}",
-                                   fix)
-    return sizes
-
-
 def per_rank(state, env: DistEnv):
     """This rank's entry of a per-rank checkpoint list (older single-process checkpoints: the state)."""
     return state[env.rank] if isinstance(state, list) else state
+
+
+def resolve_run_dir(cfg: Config, env: DistEnv) -> Path:
+    """``run.dir``, or a new runs/<method>-<time> chosen by rank 0 and shared with every rank."""
+    run_dir = Path(cfg.run.dir) if cfg.run.dir else (default_run_dir(cfg) if env.is_main else None)
+    return Path(broadcast_object(str(run_dir), env))
+
+
+def trim_metrics(path: Path, last_step: int) -> None:
+    """Drop JSON lines with a step after ``last_step`` (written after the checkpoint we resume from)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= last_step:
+                keep.append(line)
+        except ValueError:
+            continue
+    atomic_write_text(path, "".join(f"{line}\n" for line in keep))
+
+
+# Config keys that must match to resume a checkpoint: they change the data, the model or
+# the meaning of a step. Everything else (train.max_steps, logging, metrics, threads, ...)
+# may change between runs of the same run.dir.
+RESUME_KEYS = ("data.path", "data.kind", "data.split", "data.min_speed", "data.jitter_max_bins", "images.transform",
+               "images.image_size", "images.normalize", "images.train_split", "images.eval_split",
+               "images.train_range", "images.eval_range", "images.eval_fraction", "images.shuffle_buffer", "model",
+               "method", "optim.name", "optim.batch_size", "run.seed")
+
+
+def check_resumable(checkpoint: dict, cfg: Config, world_size: int, ckpt_path: Path) -> None:
+    """UserError when ``checkpoint`` was written by another world size or an incompatible config."""
+    try:
+        saved_world = int(checkpoint.get("world_size", 1))
+    except (TypeError, ValueError):
+        raise checkpoint_error(ckpt_path, f"its world_size is {checkpoint.get('world_size')!r}, not a count of "
+                                          "ranks", TRAIN_FIX) from None
+    if saved_world != world_size:
+        raise UserError(f"{ckpt_path}: written by {saved_world} rank(s), this run has {world_size}; resume with "
+                        f"--nproc_per_node={saved_world}, or use another run.dir to start over")
+    old, new = checkpoint["config"], config_to_dict(cfg)
+    for key in RESUME_KEYS:
+        section, _, field = key.partition(".")
+        if section not in old or (field and field not in old[section]):
+            continue  # written before the key existed: nothing to compare
+        a = old.get(section, {}) if not field else old.get(section, {}).get(field)
+        b = new[section] if not field else new[section][field]
+        if a != b:
+            if isinstance(a, dict) and isinstance(b, dict):  # name the first differing key of the section
+                field = next((k for k in sorted(set(a) | set(b), key=str) if a.get(k) != b.get(k)), sorted(b)[0])
+                key, a, b = f"{section}.{field}", a.get(field), b.get(field)
+            raise UserError(f"{ckpt_path}: the checkpoint's {key} is {a!r}, this config has {b!r}; "
+                            "resume with the same config, or use another run.dir to start over")
+
+
+@dataclass
+class Run:
+    """A started run: what the loop needs, built by :func:`start_run`."""
+
+    env: DistEnv
+    device: torch.device
+    run_dir: Path
+    ckpt_path: Path
+    metrics_path: Path
+    resume_hint: str
+    data: TrainData
+    plan: Plan  # of the whole run; ``plans``: per session (its own mining time gap)
+    plans: list[Plan]
+    model: nn.Module  # the MYOW module
+    net: nn.Module  # the module the step calls: ``model`` or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    mining_gen: torch.Generator
+    metrics: NullMetrics
+    channels_last: bool
+    start: int  # first step to run (0, or the checkpoint's step)
+
+
+def start_run(cfg: Config, data: TrainData | None = None, env: DistEnv | None = None,
+              resume_hint: str | None = None) -> Run:
+    """Check, load and build everything a run needs, then create its run directory.
+
+    Nothing is written to the run directory (not even its mkdir) until the run has started:
+    data read, model built, checkpoint states loaded, metrics endpoint bound. A start-up
+    failure after that removes what this call created.
+    """
+    env = env or init_distributed(cfg.run.device)
+    threads = set_threads(cfg.run.threads)
+    # Subnormal floats (tiny EMA/Adam updates late in training) are ~100x slower on x86 CPUs;
+    # flushing them to 0 made the CPU MYOW step ~25% faster and changes nothing measurable.
+    torch.set_flush_denormal(True)
+    device = env.device
+    run_dir = resolve_run_dir(cfg, env)
+    if env.is_main:
+        check_run_dir(run_dir)  # a file, an unwritable place: refused before any work
+    if resume_hint is None:
+        resume_hint = ("rerun the same command to resume" if cfg.run.dir else
+                       f"rerun with --set run.dir={run_dir} to resume")
+    ckpt_path = run_dir / CHECKPOINT_NAME
+    resume = None
+    if cfg.run.resume and (ckpt_path.exists() or ckpt_path.is_symlink()):
+        resume = load_checkpoint(ckpt_path, fix=TRAIN_FIX)
+        check_resumable(resume, cfg, env.world_size, ckpt_path)
+        check_normalization(resume, None, ckpt_path)
+
+    metrics = start_metrics(cfg, env)  # a busy port or bad host fails before minutes of data loading
+    created: Path | None = None
+    config_path = run_dir / "config.yaml"
+    had_config = config_path.exists()
+    metrics_path = run_dir / "metrics.jsonl"
+    try:
+        # the stored normalisation (a checkpoint's state) is reused as is: before the run dir,
+        # so a bad store or shard set leaves nothing behind
+        data = data or build_train_data(cfg, normalization=resume["normalization"] if resume else None,
+                                        rank=env.rank, world_size=env.world_size,
+                                        progress=cfg.run.progress and env.is_main)
+        if resume and resume.get("data_kind", "neural") != data.kind:
+            raise UserError(f"{ckpt_path}: written by a run on {resume.get('data_kind', 'neural')} data, data.path "
+                            f"is {data.kind} data; resume with the same data, or use another run.dir to start over")
+        if data.kind == "images" and device.type == "cpu":  # leave a core to the augmenting threads
+            threads = set_threads(cfg.run.threads, images=True)
+        if device.type == "cuda":
+            data.pin_memory()
+        plan = Plan.build(cfg, data.steps_per_epoch, data.sessions[0].min_time_gap_s)
+        plans = [dataclasses.replace(plan, min_time_gap_s=s.min_time_gap_s) for s in data.sessions]
+        seed_everything(cfg.run.seed)  # model initialisation: the same on every rank
+        model = build_model(cfg, data.model_input()).to(device)
+        channels_last = uses_channels_last(cfg, device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = build_optimizer(cfg, model.online_parameters())
+        mining_gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, 3, env.rank))
+        start = 0
+        if resume:
+            check_normalization(resume, data, ckpt_path)
+            start = load_resume(resume, model, optimizer, data, mining_gen, env, ckpt_path)
+            log.info("resuming %s at step %d", run_dir, start)
+        # DDP after loading: it broadcasts rank 0's weights at construction
+        net = wrap_ddp(model, env, sync_bn=cfg.run.sync_bn, find_unused_parameters=data.multi)
+        if env.is_main:  # the run has started: only now is the run directory written
+            created = create_run_dir(run_dir)
+            try:
+                atomic_write_text(config_path, dump_config(cfg))
+                for path in (metrics_path, run_dir / "evaluations.jsonl"):
+                    if resume:
+                        trim_metrics(path, start)  # lines written after the checkpoint are written again
+                    elif path.exists():
+                        path.unlink()
+            except OSError as err:
+                raise UserError(f"run.dir {run_dir}: cannot write it ({err.strerror or err}); "
+                                "choose another run.dir") from None
+        barrier(env)
+    except BaseException:
+        metrics.close()
+        if data is not None:
+            data.close()
+        if env.is_main:  # leave nothing this call created
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
+            elif not had_config and config_path.exists():
+                config_path.unlink()
+        raise
+    log.info("run %s: %s, %d steps (%d per epoch), %d rank(s), device %s, %d threads",
+             run_dir, cfg.method.name, plan.total_steps, plan.steps_per_epoch, env.world_size, device, threads)
+    return Run(env, device, run_dir, ckpt_path, metrics_path, resume_hint, data, plan, plans, model, net, optimizer,
+               mining_gen, metrics, channels_last, start)

@@ -4,7 +4,7 @@ An MLP encoder (same architecture as MYOW's, with dropout after every block) and
 head predict (cos, sin) of the reach angle with an MSE loss and AdamW weight decay, on the
 moving (speed > ``eval.reach_min_speed``), labelled bins of the TRAIN split. Validation
 accuracy is measured every epoch and the weights of the best validation epoch give the
-test metrics (same keys and metric code as :func:`pipeline.evaluate.reach_readout`).
+test metrics (same keys and metric code as :func:`pipeline.readout.probes.reach_readout`).
 A store without a reach task (e.g. the sleep recording) trains a classifier of its main
 label instead: class-balanced cross-entropy, the epoch chosen by validation weighted F1.
 
@@ -32,9 +32,11 @@ from model import build_encoder
 from .checkpoint import atomic_write_text
 from .cli import to_json
 from .config import Config, dump_config
-from .data import Normalization
-from .recording import Recording, load_recording, split_rows
-from .evaluate import angle_accuracy, reach_task_rows
+from .data.augment import Normalization
+from .data.recording import Recording, load_recording, split_rows
+from .readout.neural import reach_task_rows
+from .readout.probes import angle_accuracy
+from .runtime import set_threads
 
 log = logging.getLogger("pipeline.supervised")
 
@@ -147,7 +149,6 @@ def train_supervised(cfg: Config) -> tuple[Path, dict]:
     """Run the supervised baseline as a run (config.yaml, metrics.jsonl, eval.json)."""
     from preprocess.errors import UserError
 
-    from .train import set_threads
 
     set_threads(cfg.run.threads)
     if not cfg.data.path:

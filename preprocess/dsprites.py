@@ -28,7 +28,8 @@ from typing import Iterator
 import numpy as np
 
 from .errors import OneLineParser, UsageError, run_cli, setup_logging
-from .shard_images import ImageSet, _png, write_shards
+from .images_common import ImageSet, encode_png
+from .shard_writer import write_shards
 
 PROG = "python -m preprocess.dsprites"
 SHAPES = ("square", "ellipse", "heart")
@@ -89,7 +90,7 @@ def image_set(split: str, latents: np.ndarray, size: int, positions: int, descri
     def samples() -> Iterator[tuple[bytes, str, int]]:
         for shape, s, o, x, y in latents.tolist():
             img = render(shape, SCALES[s], ORIENTATIONS[o], x / max(positions - 1, 1), y / max(positions - 1, 1), size)
-            yield _png(img), "png", shape
+            yield encode_png(img), "png", shape
 
     return ImageSet(split=split, format="dsprites", path=description, classes=list(SHAPES), image_mode="L",
                     count=len(latents), samples=samples)

@@ -1,4 +1,4 @@
-"""The recording store (DESIGN section 4): layout, atomic writer, validating reader.
+"""The recording store (docs/contracts.md section 4): layout, atomic writer, validating reader.
 
 A recording store is one Zarr v3 group per session. Every array shares the time axis
 (one row per bin):
@@ -41,7 +41,7 @@ SCHEMA = "myow.recording/1"
 CREATED_BY = f"myow-stream {__version__}"
 REQUIRED_ARRAYS = ("counts", "bin_start_s", "trial", "units/id", "units/quality")
 SUBGROUPS = ("labels", "behavior", "units")
-TARGET_CHUNK_BYTES = 1 << 20  # chunks of whole rows of at least ~1 MiB (DESIGN section 4)
+TARGET_CHUNK_BYTES = 1 << 20  # chunks of whole rows of at least ~1 MiB (docs/contracts.md section 4)
 CHUNKS_PER_SHARD = 32  # ~32 MiB (raw) shards: few, large objects on object storage
 PARTIAL_MARKER = ".myow-partial"  # written first on object storage, removed on success
 # counts are mostly 0/1 at fine bins: bit-shuffled LZ4 compresses them ~15x and encodes/decodes

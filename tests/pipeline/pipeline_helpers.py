@@ -85,16 +85,16 @@ class Interrupted(Exception):
 
 
 def train_killed_at_fetch(cfg, fetch: int) -> None:
-    """Run ``pipeline.train.train(cfg)`` and kill it while its anchor stream fetches its
+    """Run ``pipeline.loop.train(cfg)`` and kill it while its anchor stream fetches its
     ``fetch``-th batch (the stream runs in the prefetch thread, reads ahead, and its error
     reaches the trainer in order), as a crash between checkpoints would."""
     import pytest
 
-    from pipeline.data import build_train_data
-    from pipeline.train import train
+    from pipeline.kinds import build_train_data
+    from pipeline.loop import train
 
     data = build_train_data(cfg)
-    sampler = type(data.anchors.source)
+    sampler = type(data.sessions[0].anchors.source)
     real_next, calls = sampler.__next__, {"n": 0}
 
     def flaky_next(self):

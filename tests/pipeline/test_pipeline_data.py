@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from pipeline.config import AugmentConfig, build_config
-from pipeline.data import (Augmenter, Normalization, build_train_data, jitter_table, load_recording,
-                           split_rows)
+from pipeline.data.augment import Augmenter, Normalization
+from pipeline.data.jitter import jitter_table
+from pipeline.data.recording import load_recording, split_rows
+from pipeline.kinds import build_train_data
 from pipeline_helpers import make_store
 
 
@@ -67,12 +69,12 @@ def test_recording_and_training_samples(store):
     assert rec.rates.shape == (480, 16) and rec.rates.dtype == torch.float32
     assert rec.bin_size_s == pytest.approx(0.1) and rec.has_trials and rec.main_label == "target"
     data = build_train_data(_cfg(store, **{"data.min_speed": 5.0}))
-    rows = data.samples.rows
+    rows = data.sessions[0].samples.rows
     speed = np.linalg.norm(rec.behavior["velocity"], axis=1)
-    assert (speed[rows] > 5).all() and set(rows) <= set(data.splits["train"])
-    assert len(rows) == sum((speed[r] > 5) for r in data.splits["train"])
-    all_rows = build_train_data(_cfg(store, **{"data.min_speed": 0})).samples.rows
-    assert np.array_equal(all_rows, data.splits["train"])
+    assert (speed[rows] > 5).all() and set(rows) <= set(data.sessions[0].splits["train"])
+    assert len(rows) == sum((speed[r] > 5) for r in data.sessions[0].splits["train"])
+    all_rows = build_train_data(_cfg(store, **{"data.min_speed": 0})).sessions[0].samples.rows
+    assert np.array_equal(all_rows, data.sessions[0].splits["train"])
 
 
 def test_normalization_uses_training_samples_and_guards_zero_std():
@@ -165,9 +167,9 @@ def test_jitter_table_stays_in_trial_and_window():
 
 def test_anchor_pairs_within_trial_and_window(store):
     data = build_train_data(_cfg(store, **{"data.jitter_max_bins": 2, "data.min_speed": 5.0}))
-    s, trial = data.samples, load_recording(store).trial
+    s, trial = data.sessions[0].samples, load_recording(store).trial
     for _ in range(20):
-        a, p = data.anchors.next_indices()
+        a, p = data.sessions[0].anchors.next_indices()
         ra, rp = s.rows[a.numpy()], s.rows[p.numpy()]
         assert (trial[ra] == trial[rp]).all() and (np.abs(ra - rp) <= 2).all()
         # the anchor is its own positive only when it has no neighbour
@@ -176,8 +178,8 @@ def test_anchor_pairs_within_trial_and_window(store):
 
 def test_anchor_epochs_are_permutations(store):
     data = build_train_data(_cfg(store, **{"optim.batch_size": 32}))
-    n = len(data.samples)
-    sampler = data.anchors
+    n = len(data.sessions[0].samples)
+    sampler = data.sessions[0].anchors
     assert sampler.steps_per_epoch == n // 32
     batches = [sampler.next_indices()[0] for _ in range(sampler.steps_per_epoch)]
     flat = torch.cat(batches)
@@ -189,14 +191,14 @@ def test_anchor_epochs_are_permutations(store):
 
 def test_small_data_gives_one_batch_of_everything(store):
     data = build_train_data(_cfg(store, **{"optim.batch_size": 10_000}))
-    x1, x2, x_m, meta = next(data.anchors)
-    assert data.steps_per_epoch == 1 and x1.shape[0] == len(data.samples)
-    assert set(meta["row"].tolist()) == set(data.samples.rows.tolist())
+    x1, x2, x_m, meta = next(data.sessions[0].anchors)
+    assert data.steps_per_epoch == 1 and x1.shape[0] == len(data.sessions[0].samples)
+    assert set(meta["row"].tolist()) == set(data.sessions[0].samples.rows.tolist())
 
 
 def test_batches_and_metadata(store):
     data = build_train_data(_cfg(store))
-    x1, x2, x_m, meta = next(data.anchors)
+    x1, x2, x_m, meta = next(data.sessions[0].anchors)
     assert x1.shape == x2.shape == x_m.shape == (32, 16)
     assert not torch.equal(x1, x_m)  # x_m is its own draw of the anchor
     assert set(meta) == {"store", "time", "trial", "row", "label"}
@@ -204,22 +206,22 @@ def test_batches_and_metadata(store):
     rows = meta["row"].numpy()
     assert np.array_equal(meta["trial"].numpy(), rec.trial[rows])
     assert np.allclose(meta["time"].numpy(), rec.bin_start_s[rows])
-    x_pool, meta_pool = next(data.pool)
+    x_pool, meta_pool = next(data.sessions[0].pool)
     assert x_pool.shape == (64, 16) and meta_pool["trial"].shape == (64,)
     byol = build_train_data(_cfg(store, **{"method.name": "byol"}))
-    assert next(byol.anchors)[2] is None  # no mining view needed
+    assert next(byol.sessions[0].anchors)[2] is None  # no mining view needed
 
 
 def test_sampler_state_dict_resume_gives_identical_continuation(store):
     cfg = _cfg(store)
     a = build_train_data(cfg)
     for _ in range(7):
-        next(a.anchors), next(a.pool)
+        next(a.sessions[0].anchors), next(a.sessions[0].pool)
     state = a.state_dict()
-    expect = [(next(a.anchors), next(a.pool)) for _ in range(10)]
+    expect = [(next(a.sessions[0].anchors), next(a.sessions[0].pool)) for _ in range(10)]
     b = build_train_data(cfg)
     b.load_state_dict(state)
-    for (anchors, pool), (exp_anchors, exp_pool) in zip([(next(b.anchors), next(b.pool)) for _ in range(10)], expect):
+    for (anchors, pool), (exp_anchors, exp_pool) in zip([(next(b.sessions[0].anchors), next(b.sessions[0].pool)) for _ in range(10)], expect):
         for got, exp in zip(anchors[:3] + pool[:1], exp_anchors[:3] + exp_pool[:1]):
             assert torch.equal(got, exp)
         assert torch.equal(anchors[3]["row"], exp_anchors[3]["row"])
@@ -229,32 +231,32 @@ def test_pool_sampler_is_independent_of_anchor_sampler(store):
     cfg = _cfg(store)
     a, b = build_train_data(cfg), build_train_data(cfg)
     for _ in range(5):
-        next(b.pool)  # drawing pools must not change the anchor stream
+        next(b.sessions[0].pool)  # drawing pools must not change the anchor stream
     for _ in range(5):
-        assert torch.equal(next(a.anchors)[0], next(b.anchors)[0])
+        assert torch.equal(next(a.sessions[0].anchors)[0], next(b.sessions[0].anchors)[0])
     # and the pool has its own seed: different rows than the anchors would draw
     c = build_train_data(cfg)
-    assert not torch.equal(next(c.pool)[1]["row"][:32], next(c.anchors)[3]["row"])
+    assert not torch.equal(next(c.sessions[0].pool)[1]["row"][:32], next(c.sessions[0].anchors)[3]["row"])
     other = build_train_data(_cfg(store, **{"run.seed": 1}))
-    assert not torch.equal(next(other.pool)[1]["row"], next(build_train_data(cfg).pool)[1]["row"])
+    assert not torch.equal(next(other.sessions[0].pool)[1]["row"], next(build_train_data(cfg).sessions[0].pool)[1]["row"])
 
 
 def test_pool_with_and_without_replacement(store):
     data = build_train_data(_cfg(store, **{"method.pool_size": 50}))
-    rows = next(data.pool)[1]["row"]
+    rows = next(data.sessions[0].pool)[1]["row"]
     assert len(rows.unique()) == 50  # L <= n: no repeats
     big = build_train_data(_cfg(store, **{"method.pool_size": 1000}))
-    assert next(big.pool)[0].shape[0] == 1000  # L > n: with replacement
+    assert next(big.sessions[0].pool)[0].shape[0] == 1000  # L > n: with replacement
 
 
 def test_store_without_trials(store_no_trials):
     data = build_train_data(_cfg(store_no_trials, **{"data.jitter_max_bins": 2}))
-    assert not data.recording.has_trials
-    assert data.min_time_gap_s == pytest.approx(0.3)  # auto: (jitter + 1) bins
-    a, p = data.anchors.next_indices()
-    ra, rp = data.samples.rows[a.numpy()], data.samples.rows[p.numpy()]
+    assert not data.sessions[0].recording.has_trials
+    assert data.sessions[0].min_time_gap_s == pytest.approx(0.3)  # auto: (jitter + 1) bins
+    a, p = data.sessions[0].anchors.next_indices()
+    ra, rp = data.sessions[0].samples.rows[a.numpy()], data.sessions[0].samples.rows[p.numpy()]
     assert (np.abs(ra - rp) <= 2).all()
-    assert data.splits["train"].max() < data.splits["val"].min()
+    assert data.sessions[0].splits["train"].max() < data.sessions[0].splits["val"].min()
 
 
 def test_training_samples_empty_train_split_is_an_error(store):

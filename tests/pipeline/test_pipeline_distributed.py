@@ -22,8 +22,7 @@ import torch
 import torch.distributed as dist
 
 from model import MLPEncoder, MYOW, mine_views
-from pipeline.distributed import (DistEnv, RankFilter, all_gather_pool, all_reduce_mean, barrier, broadcast_object,
-                                  configure_rank_logging, init_distributed, shutdown, wrap_ddp)
+from pipeline.distributed import DistEnv, RankFilter, all_gather_pool, all_reduce_mean, barrier, broadcast_object, configure_rank_logging, init_distributed, shutdown, wrap_ddp
 from preprocess.errors import UserError
 
 WORLD = 2

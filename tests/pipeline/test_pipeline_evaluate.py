@@ -11,13 +11,20 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import evaluate as ev
+from pipeline.evaluate import main
+
+from pipeline.kinds import evaluate_run
+
+from pipeline.readout.pictures import save_plots
+
+from pipeline.readout.probes import LOGREG_CS, REACH_ALPHAS
 from pipeline.build import build_model
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import build_config
-from pipeline.data import Normalization, load_recording
-from pipeline.evaluate import angle_accuracy, circular_error, classification_readout, reach_readout
-from pipeline.train import train
+from pipeline.data.augment import Normalization
+from pipeline.data.recording import load_recording
+from pipeline.readout.probes import angle_accuracy, circular_error, classification_readout, reach_readout
+from pipeline.loop import train
 from preprocess.errors import run_cli
 from pipeline_helpers import REPO, make_store, tiny_overrides
 
@@ -63,7 +70,7 @@ def test_reach_readout_on_separable_and_random_features():
     (ftr, ytr), (fva, yva), (fte, yte) = split(400), split(100), split(200)
     out = reach_readout(ftr, ytr, fva, yva, fte, yte)
     assert out["reach_acc"] > 0.95 and out["reach_delta_acc"] >= out["reach_acc"]
-    assert out["reach_test_bins"] == 200 and out["reach_alpha"] in ev.REACH_ALPHAS
+    assert out["reach_test_bins"] == 200 and out["reach_alpha"] in REACH_ALPHAS
     noise = reach_readout(rng.normal(size=(400, 7)), ytr, rng.normal(size=(100, 7)), yva,
                           rng.normal(size=(200, 7)), yte)
     assert noise["reach_acc"] < 0.3
@@ -76,7 +83,7 @@ def test_classification_readout():
     y = rng.integers(0, 3, 300)
     x = np.eye(3)[y] * 2 + rng.normal(scale=0.3, size=(300, 3))
     out = classification_readout(x[:200], y[:200], x[200:250], y[200:250], x[250:], y[250:])
-    assert out["accuracy"] > 0.9 and out["macro_f1"] > 0.9 and out["C"] in ev.LOGREG_CS
+    assert out["accuracy"] > 0.9 and out["macro_f1"] > 0.9 and out["C"] in LOGREG_CS
     assert classification_readout(x[:5], np.zeros(5, int), x[5:9], y[5:9], x[9:12], y[9:12]) == {}
 
 
@@ -128,7 +135,7 @@ def test_evaluate_prints_json_and_exports_embeddings_in_store_order(run_dir, tmp
 
 
 def test_evaluate_in_process_matches_training_eval(run_dir):
-    results = ev.evaluate_run(run_dir, plots=False)
+    results = evaluate_run(run_dir, plots=False)
     trained = json.loads((run_dir / "eval.json").read_text())
     assert results["reach_acc"] == trained["reach_acc"] and results["step"] == trained["step"] == 20
 
@@ -136,7 +143,7 @@ def test_evaluate_in_process_matches_training_eval(run_dir):
 def test_evaluate_tsne_plot(run_dir, tmp_path):
     rec = load_recording(build_config(load_checkpoint(run_dir / "checkpoint.pt")["config"]).data.path)
     emb = np.random.default_rng(0).normal(size=(rec.n_rows, 4)).astype(np.float32)
-    written = ev.save_plots(tmp_path, emb, rec)
+    written = save_plots(tmp_path, emb, rec)
     assert [p.name for p in written] == ["tsne.png", "mined_label_agreement.png"]
 
 
@@ -147,7 +154,7 @@ def test_evaluate_tsne_plot(run_dir, tmp_path):
     (lambda tmp, run: [], 2, "--run"),
 ])
 def test_evaluate_errors_are_one_line(run_dir, tmp_path, capsys, make_args, code, needle):
-    rc = run_cli(ev.main, make_args(tmp_path, run_dir), "evaluate")
+    rc = run_cli(main, make_args(tmp_path, run_dir), "evaluate")
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == code and len(err) == 1 and needle in err[0]
     assert "Traceback" not in err[0]

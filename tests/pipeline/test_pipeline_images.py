@@ -1,4 +1,4 @@
-"""pipeline.images: view transforms (== torchvision v2), deterministic and resumable anchor/pool
+"""pipeline.data.image_* and readout.images: view transforms (== torchvision v2), deterministic and resumable anchor/pool
 streams in memory and streamed from shards (local and S3), rank sharding, own-image exclusion,
 the evaluation helpers and the pictures."""
 
@@ -18,8 +18,13 @@ from conftest import shared_path
 from model.miner import exclusion_mask, mine_views
 from preprocess import shard_images
 from preprocess.errors import UserError
-from pipeline import images as I
-from pipeline.stages import Prefetcher
+from pipeline.data.image_shards import load_image_tensors
+from pipeline.data.image_streams import build_image_streams
+from pipeline.data.image_views import ImageAugment, ImageNormalization, TRANSFORM_SETS, ViewSpec
+from pipeline.readout.images import embed_images
+from pipeline.readout.pictures import save_confusion, save_mining_grid, to_uint8
+from pipeline.readout.probes import knn_accuracy, linear_probe_details
+from pipeline.data.stages import Prefetcher
 
 B, L = 16, 24
 
@@ -80,7 +85,7 @@ def sets(tmp_path_factory) -> dict:
 def streams(url: str, **kw) -> tuple[Prefetcher, Prefetcher]:
     args = dict(batch_size=B, pool_size=L, seed=0, transform="mnist", split="train")
     args.update(kw)
-    return I.build_image_streams(url, None, **args)
+    return build_image_streams(url, None, **args)
 
 
 def take(stream, n: int) -> list:
@@ -117,9 +122,9 @@ def test_views_equal_torchvision_v2_with_the_same_parameters(name, channels):
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.v2 import functional as F
 
-    spec = I.TRANSFORM_SETS[name][0]
-    norm = I.ImageNormalization((0.4,) * channels, (0.2,) * channels)
-    aug = I.ImageAugment(spec, 24, norm)
+    spec = TRANSFORM_SETS[name][0]
+    norm = ImageNormalization((0.4,) * channels, (0.2,) * channels)
+    aug = ImageAugment(spec, 24, norm)
     images = torch.randint(0, 256, (64, channels, 30, 30), dtype=torch.uint8)
     params = aug.draw(torch.full((64,), 30), torch.full((64,), 30), torch.Generator().manual_seed(3))
     out = aug.apply(images, params)
@@ -151,7 +156,7 @@ def test_crop_boxes_follow_random_resized_crop():
 
     n = 3000
     for (H, W), scale in (((32, 32), (0.2, 1.0)), ((28, 28), (0.8, 1.0)), ((20, 60), (0.8, 1.0))):
-        aug = I.ImageAugment(I.ViewSpec(crop_scale=scale), 16, I.ImageNormalization((0.5,), (0.5,)))
+        aug = ImageAugment(ViewSpec(crop_scale=scale), 16, ImageNormalization((0.5,), (0.5,)))
         p = aug.draw(torch.full((n,), H), torch.full((n,), W), torch.Generator().manual_seed(0))
         assert ((p["top"] >= 0) & (p["top"] + p["height"] <= H) & (p["left"] >= 0) & (p["left"] + p["width"] <= W)).all()
         ref = v2.RandomResizedCrop(16, scale=scale)
@@ -269,11 +274,11 @@ def test_ranks_get_disjoint_anchors_and_equal_steps(sets, loading):
 
 
 def test_index_range_split_and_test_split(sets):
-    images, labels = I.load_image_tensors(sets["mnist"], split="test")
+    images, labels = load_image_tensors(sets["mnist"], split="test")
     want_images, want_labels = sets["parts"]["t10k"]
     assert torch.equal(images[:, 0], torch.from_numpy(want_images)) and torch.equal(labels, torch.from_numpy(want_labels.astype(np.int64)))
-    head, _ = I.load_image_tensors(sets["mnist"], split="train", index_range=(0, 200))
-    tail, _ = I.load_image_tensors(sets["mnist"], split="train", index_range=(200, None))
+    head, _ = load_image_tensors(sets["mnist"], split="train", index_range=(0, 200))
+    tail, _ = load_image_tensors(sets["mnist"], split="train", index_range=(200, None))
     assert len(head) == 200 and len(tail) == 40
     assert torch.equal(tail[:, 0], torch.from_numpy(sets["parts"]["train"][0][200:]))
     for loading in ("memory", "stream"):
@@ -300,8 +305,8 @@ def test_variable_sizes_stream_and_fit_normalisation(tmp_path):
     make_folder(tmp_path / "mixed", n_per_class=6, classes=2, sizes=[(30, 40), (36, 36), (44, 33)])
     shard(tmp_path / "mixed", str(tmp_path / "mixed-shards"), 4)
     with pytest.raises(UserError, match="different sizes"):
-        I.load_image_tensors(str(tmp_path / "mixed-shards"))
-    a, p = I.build_image_streams(str(tmp_path / "mixed-shards"), None, batch_size=4, pool_size=6, seed=0,
+        load_image_tensors(str(tmp_path / "mixed-shards"))
+    a, p = build_image_streams(str(tmp_path / "mixed-shards"), None, batch_size=4, pool_size=6, seed=0,
                                  transform="imagenet", image_size=24, normalize="fit", shuffle_buffer=8)
     assert a.streamed  # auto: too varied for one tensor
     x1, _, x_m, _ = next(a)
@@ -320,7 +325,7 @@ def test_s3_shards_stream_the_same_batches_as_local(sets, s3_bucket):
     for loading in ("memory", "stream"):
         kw = dict(loading=loading, shuffle_buffer=20, transform="cifar", split=None)
         local = streams(sets["folder"], **kw)
-        remote = I.build_image_streams(f"{bucket}/folder", options, batch_size=B, pool_size=L, seed=0, **kw)
+        remote = build_image_streams(f"{bucket}/folder", options, batch_size=B, pool_size=L, seed=0, **kw)
         assert remote[0].streamed == (loading == "stream")
         for lo, re in zip(local, remote):
             assert_same(take(lo, 4), take(re, 4))
@@ -340,35 +345,35 @@ def separable(n: int, classes: int = 4, dim: int = 16, seed: int = 0) -> tuple[t
 def test_linear_probe_and_knn_on_separable_features():
     xtr, ytr = separable(400)
     xte, yte = separable(200, seed=1)
-    details = I.linear_probe_details(xtr, ytr, xte, yte)
+    details = linear_probe_details(xtr, ytr, xte, yte)
     assert details["accuracy"] > 0.99 and details["l2"] in details["val_accuracy"]
-    assert I.linear_probe(xtr, ytr, xte, yte) > 0.99
-    assert I.knn_accuracy(xtr, ytr, xte, yte, k=20, temperature=0.1) > 0.99
+    assert linear_probe_details(xtr, ytr, xte, yte)["accuracy"] > 0.99
+    assert knn_accuracy(xtr, ytr, xte, yte, k=20, temperature=0.1) > 0.99
     # random labels: the probe cannot beat chance by much (nothing leaks from test)
     shuffled = yte[torch.randperm(len(yte), generator=torch.Generator().manual_seed(0))]
-    assert I.linear_probe(xtr, ytr, xte, shuffled) < 0.5
+    assert linear_probe_details(xtr, ytr, xte, shuffled)["accuracy"] < 0.5
 
 
 def test_embed_images_with_a_small_convnet(sets):
     from model.encoders import SmallConvNet
 
-    images, _ = I.load_image_tensors(sets["mnist"], split="test")
+    images, _ = load_image_tensors(sets["mnist"], split="test")
     net = SmallConvNet(1, out_dim=8)
     net.train()
-    y = I.embed_images(net, images, I.ImageNormalization.preset("mnist", 1), "cpu", batch_size=25)
+    y = embed_images(net, images, ImageNormalization.preset("mnist", 1), "cpu", batch_size=25)
     assert y.shape == (60, 8) and y.dtype == torch.float32 and net.training
-    assert torch.allclose(y[:5], I.embed_images(net, images[:5], I.ImageNormalization.preset("mnist", 1)), atol=1e-5)
+    assert torch.allclose(y[:5], embed_images(net, images[:5], ImageNormalization.preset("mnist", 1)), atol=1e-5)
 
 
 def test_pictures_are_written(sets, tmp_path):
     a, p = streams(sets["folder"], loading="memory", transform="cifar", split=None)
     _, _, x_m, meta = next(a)
     x_pool, pmeta = next(p)
-    anchors, mined = I.to_uint8(x_m, a.normalization), I.to_uint8(x_pool[:B], a.normalization)
+    anchors, mined = to_uint8(x_m, a.normalization), to_uint8(x_pool[:B], a.normalization)
     assert anchors.dtype == torch.uint8 and anchors.shape == (B, 3, 32, 32)
-    I.save_mining_grid(tmp_path / "grid.png", anchors, mined, n=8, anchor_labels=meta["label"],
+    save_mining_grid(tmp_path / "grid.png", anchors, mined, n=8, anchor_labels=meta["label"],
                        mined_labels=pmeta["label"][:B], class_names=a.classes)
-    counts = I.save_confusion(tmp_path / "confusion.png", torch.tensor([0, 0, 1, 2, 2, -1]),
+    counts = save_confusion(tmp_path / "confusion.png", torch.tensor([0, 0, 1, 2, 2, -1]),
                               torch.tensor([0, 1, 1, 2, 0, 2]), ["a", "b", "c"])
     assert counts.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 1]]
     for name in ("grid.png", "confusion.png"):
@@ -385,17 +390,17 @@ def test_pictures_are_written(sets, tmp_path):
 def test_real_mnist_t10k_shards_and_loads(tmp_path):
     source = shared_path("mnist-t10k")
     shard(source, str(tmp_path / "mnist"), 2500)
-    images, labels = I.load_image_tensors(str(tmp_path / "mnist"), split="test")
+    images, labels = load_image_tensors(str(tmp_path / "mnist"), split="test")
     assert images.shape == (10000, 1, 28, 28) and images.dtype == torch.uint8
     assert labels.bincount().tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
     with gzip.open(source / "t10k-images-idx3-ubyte.gz") as f:
         raw = np.frombuffer(f.read()[16:], np.uint8).reshape(10000, 28, 28).copy()
     assert torch.equal(images[:, 0], torch.from_numpy(raw))
     # the 8000/2000 split of one set, by index
-    a, p = I.build_image_streams(str(tmp_path / "mnist"), None, split="test", index_range=(0, 8000), batch_size=256,
+    a, p = build_image_streams(str(tmp_path / "mnist"), None, split="test", index_range=(0, 8000), batch_size=256,
                                  pool_size=256, seed=0, transform="mnist")
     assert not a.streamed and a.n_samples == 8000 and a.steps_per_epoch == 8000 // 256
     assert next(a)[3]["row"].max() < 8000
-    held, _ = I.load_image_tensors(str(tmp_path / "mnist"), split="test", index_range=(8000, 10000))
+    held, _ = load_image_tensors(str(tmp_path / "mnist"), split="test", index_range=(8000, 10000))
     assert torch.equal(held, images[8000:])
     close(a, p)

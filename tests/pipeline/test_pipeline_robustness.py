@@ -17,6 +17,9 @@ import torch
 
 import pipeline.demo as demo
 import pipeline.evaluate as ev
+import pipeline.loop as loop
+import pipeline.readout.neural as readout_neural
+import pipeline.startup as startup
 import pipeline.train as train_mod
 from pipeline.config import build_config
 from preprocess.errors import run_cli
@@ -127,7 +130,7 @@ def test_start_up_failure_after_mkdir_removes_what_it_created(store, tmp_path, c
     def broken(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(train_mod, "atomic_write_text", broken)
+    monkeypatch.setattr(startup, "atomic_write_text", broken)
     fails(capsys, train_mod.main, train_argv(store, tmp_path / "a" / "b"), TRAIN, 1, "run.dir", "No space left")
     assert not (tmp_path / "a").exists()
 
@@ -280,7 +283,7 @@ def no_evaluation(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("evaluated before checking --export-embeddings")
 
-    monkeypatch.setattr(ev, "evaluate_session", boom)
+    monkeypatch.setattr(readout_neural, "evaluate_session", boom)
 
 
 @pytest.mark.parametrize("make, extra, code, needle", [
@@ -345,7 +348,7 @@ def test_demo_stop_then_rerun_resumes(tmp_path, capsys, small_demo, monkeypatch)
     from pipeline.checkpoint import load_checkpoint
 
     run_dir = tmp_path / "demo"
-    monkeypatch.setattr(train_mod.StopRequest, "requested", lambda self, env: True)  # as if Ctrl-C at step 1
+    monkeypatch.setattr(loop.StopRequest, "requested", lambda self, env: True)  # as if Ctrl-C at step 1
     assert run_cli(demo.run_demo, _demo_overrides(run_dir, 3), TRAIN) == 0
     out = capsys.readouterr().out
     assert "stopped at step 1" in out and "rerun the same command to resume" in out

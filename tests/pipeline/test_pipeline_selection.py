@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, load_config
-from pipeline.data import build_train_data
-from pipeline.evaluate import classification_readout, reach_cv_readout, trial_folds
+from pipeline.kinds import build_train_data
+from pipeline.readout.probes import classification_readout, reach_cv_readout, trial_folds
 from pipeline.supervised import fit_supervised, supervised_task
-from pipeline.recording import load_recording
-from pipeline.train import train
+from pipeline.data.recording import load_recording
+from pipeline.loop import train
 from pipeline_helpers import make_store, tiny_overrides
 
 
@@ -133,7 +133,7 @@ def test_bad_mining_option_values_are_named():
 
 
 def test_mining_context_averages_within_trial_neighbours_only():
-    from pipeline.context import MiningContext
+    from pipeline.data.context import MiningContext
 
     rows = np.array([0, 1, 2, 3, 5, 6])  # row 4 is not a training sample (a gap)
     trial = np.array([0, 0, 0, 1, 1, 1, 1])

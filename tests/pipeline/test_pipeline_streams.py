@@ -16,10 +16,13 @@ from hypothesis import strategies as st
 
 from model import exclusion_mask, mine_views
 from pipeline.config import build_config
-from pipeline.data import Augmenter, Normalization, build_train_data, jitter_table, training_mask
-from pipeline.recording import ArrayReader, Recording, open_store, split_rows
-from pipeline.stages import Prefetcher, ShuffleBuffer, epoch_order, ordered_map, retry, shard_for_rank
-from pipeline.streams import BlockAnchorStream, BlockPoolStream, StreamSettings
+from pipeline.data.augment import Augmenter, Normalization
+from pipeline.data.jitter import jitter_table
+from pipeline.data.neural import training_mask
+from pipeline.kinds import build_train_data
+from pipeline.data.recording import ArrayReader, Recording, open_store, split_rows
+from pipeline.data.stages import Prefetcher, ShuffleBuffer, epoch_order, ordered_map, retry, shard_for_rank
+from pipeline.data.streams import BlockAnchorStream, BlockPoolStream, StreamSettings
 from pipeline_helpers import reach_arrays, write_store
 from preprocess.errors import UserError
 
@@ -40,7 +43,7 @@ def test_shard_for_rank_is_disjoint_and_covering():
 
 
 def test_epoch_cursor_shards_epochs_by_rank_and_resumes():
-    from pipeline.stages import EpochCursor
+    from pipeline.data.stages import EpochCursor
 
     cursors = [EpochCursor(23, 4, order_seed=9, rank=r, world_size=3) for r in range(3)]
     assert {c.steps_per_epoch for c in cursors} == {1} and {c.n_rank for c in cursors} == {7}
@@ -256,7 +259,7 @@ def test_two_ranks_see_disjoint_anchors_in_memory_and_streamed(tmp_path):
     for rank in range(2):
         cfg = build_config(overrides=[f"data.path={store}", "data.loading=memory", "optim.batch_size=16"])
         data = build_train_data(cfg, rank=rank, world_size=2)
-        memory.append({r for _ in range(data.steps_per_epoch) for r in next(data.anchors)[3]["row"].tolist()})
+        memory.append({r for _ in range(data.steps_per_epoch) for r in next(data.sessions[0].anchors)[3]["row"].tolist()})
         data.close()
     assert memory[0] and memory[1] and not memory[0] & memory[1]
 
@@ -307,12 +310,12 @@ def test_streamed_store_matches_memory_statistics_and_rows(chunked_store):
     store, arrays = chunked_store
     mem = build_train_data(_cfg(store, **{"data.loading": "memory"}))
     streamed = build_train_data(_cfg(store, **{"data.loading": "stream"}))
-    assert streamed.streamed and not mem.streamed and streamed.recording.rates is None
-    assert torch.allclose(mem.normalization.mean, streamed.normalization.mean, rtol=1e-6)
-    assert torch.allclose(mem.normalization.std, streamed.normalization.std, rtol=1e-5)
+    assert streamed.sessions[0].streamed and not mem.sessions[0].streamed and streamed.sessions[0].recording.rates is None
+    assert torch.allclose(mem.sessions[0].normalization.mean, streamed.sessions[0].normalization.mean, rtol=1e-6)
+    assert torch.allclose(mem.sessions[0].normalization.std, streamed.sessions[0].normalization.std, rtol=1e-5)
     assert streamed.steps_per_epoch == mem.steps_per_epoch
-    rows = np.concatenate([next(streamed.anchors)[3]["row"].numpy() for _ in range(streamed.steps_per_epoch)])
-    assert set(rows.tolist()) <= set(mem.samples.rows.tolist())
+    rows = np.concatenate([next(streamed.sessions[0].anchors)[3]["row"].numpy() for _ in range(streamed.steps_per_epoch)])
+    assert set(rows.tolist()) <= set(mem.sessions[0].samples.rows.tolist())
     # rates read in blocks equal the counts / bin size exactly
     rec = open_store(store)
     assert torch.equal(rec.read_rates(37, 121), torch.from_numpy(arrays["counts"][37:121].astype(np.float32) / 0.1))
@@ -321,7 +324,7 @@ def test_streamed_store_matches_memory_statistics_and_rows(chunked_store):
 
 def test_training_on_a_streamed_store_resumes_exactly(chunked_store, tmp_path):
     from pipeline.checkpoint import load_checkpoint
-    from pipeline.train import train
+    from pipeline.loop import train
     from pipeline_helpers import tiny_overrides, train_killed_at_fetch
 
     store, _ = chunked_store
@@ -340,14 +343,14 @@ def test_training_on_a_streamed_store_resumes_exactly(chunked_store, tmp_path):
 def test_a_store_deleted_mid_run_is_a_clear_error_not_a_hang(chunked_store):
     store, _ = chunked_store
     data = build_train_data(_cfg(store, **{"data.loading": "stream"}))
-    next(data.anchors)
+    next(data.sessions[0].anchors)
     shutil.rmtree(store)
     result = {}
 
     def consume():
         try:
             for _ in range(200):
-                next(data.anchors)
+                next(data.sessions[0].anchors)
         except UserError as err:
             result["error"] = str(err)
 
@@ -367,8 +370,8 @@ def test_a_corrupt_chunk_is_a_clear_error(chunked_store):
     shard.write_bytes(b"\x00garbage" * 50)
     with pytest.raises(UserError, match="reading counts rows"):
         for _ in range(200):
-            next(data.anchors)
-            next(data.pool)
+            next(data.sessions[0].anchors)
+            next(data.sessions[0].pool)
     data.close()
 
 
@@ -388,11 +391,11 @@ def test_streaming_from_s3_gives_the_local_batches(chunked_store, s3_bucket):
     opts = json.dumps(options)
     local = build_train_data(_cfg(store, **{"data.loading": "stream"}))
     remote = build_train_data(_cfg(url, f"data.storage_options={opts}", **{"data.loading": "stream"}))
-    assert torch.equal(local.normalization.mean, remote.normalization.mean)
+    assert torch.equal(local.sessions[0].normalization.mean, remote.sessions[0].normalization.mean)
     for _ in range(4):
-        a, b = next(local.anchors), next(remote.anchors)
+        a, b = next(local.sessions[0].anchors), next(remote.sessions[0].anchors)
         assert all(torch.equal(u, v) for u, v in zip(a[:3], b[:3])) and torch.equal(a[3]["row"], b[3]["row"])
-        assert torch.equal(next(local.pool)[0], next(remote.pool)[0])
+        assert torch.equal(next(local.sessions[0].pool)[0], next(remote.sessions[0].pool)[0])
     local.close(), remote.close()
 
 
@@ -418,9 +421,9 @@ def test_split_and_mask_helpers_agree():
 
 
 def test_a_directory_of_stores_trains_as_sessions_with_their_own_read_in(tmp_path):
-    from pipeline.data import session_urls
-    from pipeline.evaluate import evaluate_run
-    from pipeline.train import train
+    from pipeline.data.neural import session_urls
+    from pipeline.kinds import evaluate_run
+    from pipeline.loop import train
     from pipeline_helpers import make_store, tiny_overrides
 
     folder = tmp_path / "sessions"

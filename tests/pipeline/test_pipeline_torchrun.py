@@ -113,7 +113,7 @@ def _rank_step(rank: int, world: int, port: int, out_dir: str) -> None:
 def _step_inputs(ranks, B: int = 16, L: int = 24):
     """Model, optimizer and the anchors/pools of ``ranks`` (concatenated), fixed by seed."""
     from pipeline.build import build_model, build_optimizer
-    from pipeline.train import Plan
+    from pipeline.step import Plan
 
     cfg = build_config(overrides=["method.k=1", "method.mining_view=anchor", "optim.name=sgd", "optim.lr=0.5",
                                   "optim.warmup_epochs=0", "method.mining_ramp_epochs=0", "model.hidden_dim=16",
@@ -147,7 +147,7 @@ def _step_inputs(ranks, B: int = 16, L: int = 24):
 
 
 def _run_step(net, opt, anchors, pool, cfg, plan, gather):
-    from pipeline.train import train_step
+    from pipeline.step import train_step
 
     return train_step(net, opt, anchors, pool, 0, cfg, torch.Generator().manual_seed(0), plan=plan, gather=gather)
 
@@ -292,7 +292,8 @@ def test_a_two_rank_run_killed_with_sigkill_resumes_when_rerun(store, tmp_path):
 
 def test_resume_refuses_another_world_size_or_config(store, tmp_path):
     from pipeline.checkpoint import load_checkpoint
-    from pipeline.train import check_resumable, train
+    from pipeline.loop import train
+    from pipeline.startup import check_resumable
 
     run_dir, _ = train(build_config(overrides=tiny_overrides(store, tmp_path / "r", steps=3)))
     ckpt = load_checkpoint(run_dir / "checkpoint.pt")

@@ -15,8 +15,9 @@ from pipeline import train as train_mod
 from pipeline.build import build_model, build_optimizer
 from pipeline.checkpoint import CHECKPOINT_KEYS, load_checkpoint
 from pipeline.config import build_config, load_config
-from pipeline.data import build_train_data
-from pipeline.train import Plan, schedules, train, train_step
+from pipeline.kinds import build_train_data
+from pipeline.loop import train
+from pipeline.step import Plan, schedules, train_step
 from preprocess.errors import run_cli
 from pipeline_helpers import REPO, make_store, tiny_overrides, train_killed_at_fetch
 
@@ -100,9 +101,9 @@ def test_byol_skips_mining_with_the_same_step(store, tmp_path):
 def test_train_step_contract(store):
     cfg = build_config(overrides=tiny_overrides(store, Path("unused")))
     data = build_train_data(cfg)
-    plan = Plan.build(cfg, data.steps_per_epoch, data.min_time_gap_s)
+    plan = Plan.build(cfg, data.steps_per_epoch, data.sessions[0].min_time_gap_s)
     torch.manual_seed(0)
-    model = build_model(cfg, data.recording.n_units)
+    model = build_model(cfg, data.sessions[0].recording.n_units)
     opt = build_optimizer(cfg, model.online_parameters())
     gathered = {}
 
@@ -112,7 +113,7 @@ def test_train_step_contract(store):
         return pool_y, pool_meta
 
     before = [p.detach().clone() for p in model.target.parameters()]
-    out = train_step(model, opt, next(data.anchors), next(data.pool), 5, cfg, torch.Generator().manual_seed(0),
+    out = train_step(model, opt, next(data.sessions[0].anchors), next(data.sessions[0].pool), 5, cfg, torch.Generator().manual_seed(0),
                      plan=plan, gather=gather)
     assert STEP_KEYS <= set(out) and all(isinstance(out[k], float) for k in STEP_KEYS)
     assert gathered == {"shape": (64, 8), "keys": {"store", "time", "trial", "row", "label"}}
@@ -221,7 +222,7 @@ def test_mining_view_anchor_reuses_view_one(store, tmp_path):
     cfg = build_config(overrides=tiny_overrides(store, tmp_path / "anchor", steps=12,
                                                 **{"method.mining_view": "anchor"}))
     data = build_train_data(cfg)
-    x1, x2, x_m, meta = next(data.anchors)
+    x1, x2, x_m, meta = next(data.sessions[0].anchors)
     assert x_m is None and x1.shape == x2.shape
     run_dir, _ = train(cfg)
     rows = _metrics(run_dir)

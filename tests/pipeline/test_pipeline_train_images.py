@@ -20,9 +20,10 @@ from pipeline import train as train_mod
 from pipeline.build import build_model
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import TRANSFORMS, build_config, load_config
-from pipeline.data import data_kind
-from pipeline.images import TRANSFORM_SETS, resolve_selections
-from pipeline.train import train
+from pipeline.kinds import data_kind
+from pipeline.data.image_views import TRANSFORM_SETS
+from pipeline.data.images import resolve_selections
+from pipeline.loop import train
 from preprocess import shard_images
 from preprocess.errors import run_cli
 from pipeline_helpers import REPO, make_store, train_killed_at_fetch
@@ -214,7 +215,7 @@ def test_image_configs_and_encoders():
 def test_resnet_step_in_channels_last_memory_format(shards):
     """What the trainer does for ResNets on CUDA (model and image batches in channels_last),
     run on the CPU: the step, the mining and the EMA update work across memory formats."""
-    from pipeline.train import Plan, train_step
+    from pipeline.step import Plan, train_step
 
     cfg = build_config(overrides=image_overrides(shards["full"], Path("unused"), **{
         "model.encoder": "resnet18", "model.projector": "[32,16]", "optim.batch_size": 4, "method.pool_size": 6,

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from conftest import shared_path
-from preprocess import shard_images
+from preprocess import images_mnist, shard_images
 from preprocess.errors import UserError, run_cli
 from preprocess.shard_images import SCHEMA, iter_samples, read_index
 
@@ -179,6 +179,30 @@ def test_mnist_train_and_test_splits_deterministic(tmp_path):
         assert tar.extractfile("00000000.cls").read() == str(parts["train"][1][0]).encode()
 
 
+def test_shard_format_reads_what_the_command_writes(tmp_path):
+    """``preprocess.shard_format`` is the reading side the trainer imports: ``read_index`` and
+    ``tar_samples`` (one (key, {field: bytes}) per sample); shard_images re-exports them."""
+    from preprocess import shard_format
+
+    parts = make_mnist(tmp_path / "src", n_train=5)
+    assert run([str(tmp_path / "src"), "--out", str(tmp_path / "o"), "--shard-size", "2"]) == 0
+    index = shard_format.read_index(str(tmp_path / "o" / "train"))
+    assert index["schema"] == shard_format.SCHEMA and [s["samples"] for s in index["shards"]] == [2, 2, 1]
+    grouped = []
+    for shard in index["shards"]:
+        with tarfile.open(tmp_path / "o" / "train" / shard["name"]) as tar:
+            grouped += list(shard_format.tar_samples(tar))
+    assert [key for key, _ in grouped] == [f"{i:08d}" for i in range(5)]
+    assert all(sorted(fields) == ["cls", "png"] for _, fields in grouped)
+    assert [int(fields["cls"]) for _, fields in grouped] == parts["train"][1].tolist()
+    np.testing.assert_array_equal(np.stack([decode(fields["png"]) for _, fields in grouped]), parts["train"][0])
+    assert [(k, d) for k, d, _, _ in shard_format.iter_samples(str(tmp_path / "o" / "train"))] == \
+        [(k, f["png"]) for k, f in grouped]
+    assert shard_images.read_index is read_index is shard_format.read_index
+    assert shard_images.iter_samples is iter_samples is shard_format.iter_samples
+    assert shard_images.tar_samples is shard_format.tar_samples
+
+
 def test_mnist_uncompressed_idx_files(tmp_path):
     images = np.arange(3 * 4 * 5, dtype=np.uint8).reshape(3, 4, 5)
     (tmp_path / "src").mkdir()
@@ -310,7 +334,7 @@ def test_failure_mid_upload_leaves_no_index_on_object_storage(tmp_path, s3_bucke
 
     bucket, options = s3_bucket
     make_mnist(tmp_path / "src", n_train=9)
-    real_png = shard_images._png
+    real_png = images_mnist.encode_png
     calls = []
 
     def failing_png(pixels):
@@ -319,7 +343,7 @@ def test_failure_mid_upload_leaves_no_index_on_object_storage(tmp_path, s3_bucke
             raise RuntimeError("disk on fire")
         return real_png(pixels)
 
-    monkeypatch.setattr(shard_images, "_png", failing_png)
+    monkeypatch.setattr(images_mnist, "encode_png", failing_png)
     with pytest.raises(RuntimeError):
         shard_images.main([str(tmp_path / "src"), "--out", f"{bucket}/m", "--shard-size", "3", "--no-progress",
                            "--storage-options", json.dumps(options)])

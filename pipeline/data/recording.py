@@ -1,4 +1,4 @@
-"""One recording store (DESIGN section 4) as the pipeline sees it.
+"""One recording store (docs/contracts.md section 4) as the pipeline sees it.
 
 Everything per bin except the counts (times, trials, labels, behaviour: a few bytes per
 bin) is read into memory when the store is opened; it drives splits, jitter pairs,

@@ -18,8 +18,8 @@ import queue
 import random
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np

@@ -1,0 +1,85 @@
+"""The one module that knows the data kinds: recording stores ("neural") and image shard
+sets ("images"). It chooses, and everything else receives the result:
+
+    data_kind(cfg)                      -> "neural" | "images"
+    build_train_data(cfg, ...)          -> a TrainData (pipeline.data.interface) of that kind
+    evaluate_data(data, model, cfg)     -> the read-outs of that kind (end of training)
+    evaluate_run(run_dir, ...)          -> ``python -m pipeline.evaluate`` on a saved run
+
+It sits above :mod:`pipeline.data` and :mod:`pipeline.readout` and below the loop and the
+command-line modules.
+"""
+
+from __future__ import annotations
+
+import os
+
+from preprocess.errors import UserError
+from preprocess.store import filesystem, join_url
+
+from .checkpoint import dir_write_error
+from .config import Config
+from .data.images import build_image_train_data
+from .data.interface import TrainData
+from .data.neural import build_neural_train_data
+from .data.recording import Recording
+from .readout.images import evaluate_image_data, evaluate_image_run
+from .readout.neural import evaluate_neural_run, evaluate_sessions
+from .readout.runs import export_target, load_run
+
+KINDS = ("neural", "images")
+
+
+def data_kind(cfg: Config) -> str:
+    """``data.kind``, with ``auto`` resolved: "images" when data.path holds an image shard set
+    (index.json, or train/val/test sub-folders with one), else "neural" (a recording store,
+    a list or a directory of stores; a missing path is left to the store reader to report)."""
+    kind = cfg.data.kind
+    if kind != "auto":
+        return kind
+    path = cfg.data.path
+    if not path or isinstance(path, list):
+        return "neural"
+    try:
+        fs, root = filesystem(path, cfg.data.storage_options)
+        if fs.exists(join_url(root, "zarr.json")):
+            return "neural"
+        markers = [join_url(root, "index.json")] + [join_url(root, s, "index.json") for s in ("train", "val", "test")]
+        return "images" if any(fs.exists(m) for m in markers) else "neural"
+    except Exception:  # noqa: BLE001 - unreachable storage: the store reader says what is wrong
+        return "neural"
+
+
+def build_train_data(cfg: Config, recording: Recording | None = None, normalization=None, rank: int = 0,
+                     world_size: int = 1, progress: bool = False) -> TrainData:
+    """The run's data for ``rank`` of ``world_size``: image shard sets (:func:`data_kind`
+    "images") by :func:`pipeline.data.images.build_image_train_data`, recording stores (or
+    ``recording``) by :func:`pipeline.data.neural.build_neural_train_data`.
+    ``normalization`` may be a checkpoint's stored state (``checkpoint["normalization"]``)."""
+    if recording is None and data_kind(cfg) == "images":
+        return build_image_train_data(cfg, normalization, rank=rank, world_size=world_size)
+    return build_neural_train_data(cfg, recording, normalization, rank=rank, world_size=world_size,
+                                   progress=progress)
+
+
+def evaluate_data(data: TrainData, model, cfg: Config, *, device, run_dir=None, plots: bool = False) -> dict:
+    """The read-outs of a trained model on its run's data (images: linear probe + kNN;
+    recordings: every task of every session)."""
+    if data.kind == "images":
+        return evaluate_image_data(data, model, cfg, device=device, run_dir=run_dir, plots=plots)
+    return evaluate_sessions(model, data.sessions, cfg, device=device, run_dir=run_dir, plots=plots)
+
+
+def evaluate_run(run_dir: str | os.PathLike, data: str | None = None, export: str | None = None,
+                 plots: bool = True, overwrite: bool = False) -> dict:
+    """Evaluate a run's final checkpoint on its data (or ``data``); returns the metrics dict.
+    ``export``: the embeddings' .npz (an existing file only with ``overwrite``)."""
+    cfg, ckpt = load_run(run_dir)
+    if export:
+        export_target(export, overwrite)  # before minutes of evaluation, not after
+    if plots and dir_write_error(run_dir) is not None:
+        raise UserError(f"--run {run_dir}: the run directory is not writable, so the plots cannot be saved; "
+                        "pass --no-plots")
+    if ckpt.get("data_kind") == "images":
+        return evaluate_image_run(run_dir, cfg, ckpt, data=data, export=export, plots=plots)
+    return evaluate_neural_run(run_dir, cfg, ckpt, data=data, export=export, plots=plots)

@@ -1,0 +1,171 @@
+"""NWB files: the units table (spike times in seconds), the trials table and behavioural
+time series read through pynwb into a ``Recording``, and the per-block spike counts.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from fractions import Fraction
+
+import numpy as np
+
+from . import binning
+from .errors import UserError
+from .source_common import (DEFAULT_MAX_BINS, UNIT_SELECTIONS, Recording, Trials, check_float32, check_n_bins,
+                            check_n_units, check_trials, int32_labels, label_column)
+
+# log records keep the logger name they had before the split
+log = logging.getLogger("preprocess.sources")
+
+
+def read_nwb(path: str, source: str, bin_size: Fraction, units: str, max_bins: int = DEFAULT_MAX_BINS) -> Recording:
+    """Units table (spike times in seconds), trials table, behavioural time series."""
+    import warnings
+
+    try:
+        from pynwb import NWBHDF5IO
+    except ImportError as err:  # pragma: no cover - dependency of the package
+        raise UserError(f"{source}: reading NWB needs pynwb ({err})")
+    io_ = None
+    # a file that is not HDF5 (truncated, random bytes, another format) raises OSError in h5py;
+    # an HDF5 file that is not NWB raises whatever hdmf/pynwb meet first (ValueError, KeyError,
+    # TypeError, their own exception classes): all mean "not a readable NWB file"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # hdmf/pynwb warn about namespaces and versions on stderr
+        try:
+            io_ = NWBHDF5IO(path, mode="r", load_namespaces=True)
+            nwb = io_.read()
+        except Exception as err:
+            if io_ is not None:
+                try:
+                    io_.close()
+                except Exception:
+                    pass
+            raise UserError(f"{source}: not a readable NWB file ({type(err).__name__}: {str(err)[:200]}); "
+                            "check that it is a complete NWB (HDF5) file") from None
+        try:
+            return _read_nwb_open(nwb, source, path, bin_size, units, max_bins)
+        except (OSError, KeyError, ValueError, TypeError, IndexError, AttributeError) as err:
+            # lazily read datasets of a damaged file fail here
+            raise UserError(f"{source}: cannot read the NWB contents ({type(err).__name__}: {str(err)[:200]}); "
+                            "check that the file is complete") from None
+        finally:
+            io_.close()
+
+
+def _read_nwb_open(nwb, source: str, path: str, bin_size: Fraction, units: str,
+                   max_bins: int = DEFAULT_MAX_BINS) -> Recording:
+    if nwb.units is None or len(nwb.units) == 0:
+        raise UserError(f"{source}: the NWB file has no units table (nwbfile.units); add the sorted units")
+    table = nwb.units
+    columns = set(table.colnames)
+    if "spike_times" not in columns:
+        raise UserError(f"{source}: units table has no 'spike_times' column")
+    ids = np.asarray(table.id[:], dtype=np.int64)
+    check_n_units(len(ids), f"{source}: the units table has {len(ids)} rows")
+    quality = None
+    for col in ("quality", "group", "KSLabel"):
+        if col in columns:
+            quality = np.array([str(v) for v in table[col][:]], dtype=object)
+            break
+    if quality is None:
+        quality = np.array(["unsorted"] * len(ids), dtype=object)
+    wanted = UNIT_SELECTIONS[units]
+    if wanted is None:
+        keep = np.arange(len(ids))
+    else:
+        if (quality == "unsorted").all():
+            raise UserError(f"{source}: the units table has no 'quality' column; use --units all")
+        keep = np.flatnonzero(np.isin(quality, wanted))
+        if keep.size == 0:
+            raise UserError(f"{source}: no unit has quality {' or '.join(wanted)} "
+                            f"(found {sorted(set(quality))}); choose --units mua or all")
+    unit_times = []
+    for i in keep:
+        t = np.asarray(table["spike_times"][int(i)], dtype=np.float64)
+        if t.size and (np.any(t < 0) or not np.all(np.isfinite(t))):
+            raise UserError(f"{source}: units row {i}: spike times must be finite and >= 0 seconds")
+        if np.any(np.diff(t) < 0):
+            t = np.sort(t)  # per-unit times in NWB are not required to be sorted: sorting is exact
+        unit_times.append(t)
+    t_end = max((float(t[-1]) for t in unit_times if t.size), default=0.0)
+
+    trials = None
+    if nwb.trials is not None and len(nwb.trials) > 0:
+        df_cols = [c for c in nwb.trials.colnames if c not in ("start_time", "stop_time")]
+        start = np.asarray(nwb.trials["start_time"][:], dtype=np.float64)
+        stop = np.asarray(nwb.trials["stop_time"][:], dtype=np.float64)
+        labels, cats = {}, {}
+        for col in df_cols:
+            values = nwb.trials[col][:]
+            arr = np.asarray(values)
+            if arr.ndim != 1:
+                continue
+            if arr.dtype.kind in "iub":
+                labels[col] = int32_labels(arr, f"{source}: trials column '{col}'")
+            elif arr.dtype.kind == "f":
+                if np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
+                    labels[col] = int32_labels(arr, f"{source}: trials column '{col}'")
+                else:
+                    log.info("trials column %r is not integer-valued: not stored as a label", col)
+            else:
+                labels[col], cats[col] = label_column([str(v) for v in arr], f"{source}: trials column '{col}'")
+                if cats[col] is None:
+                    del cats[col]
+        trials = check_trials(Trials(start, stop, labels, cats), f"{source}: trials table")
+        t_end = max(t_end, float(stop.max()))
+
+    series = list(_behaviour_series(nwb, source))
+    for _, ts_times, _ in series:
+        if len(ts_times):
+            t_end = max(t_end, float(ts_times[-1]))
+    if not math.isfinite(t_end):
+        raise UserError(f"{source}: a behavioural time series has non-finite timestamps; fix its timestamps or rate")
+    if t_end <= 0:
+        raise UserError(f"{source}: no spikes in the selected units")
+    if float(bin_size) > t_end:
+        raise UserError(f"--bin-size {float(bin_size)}: longer than the recording ({t_end:.6g} s); "
+                        "choose a smaller bin size")
+    needed = math.floor(Fraction(t_end) / bin_size) + 1
+    check_n_bins(needed, max_bins, f"{source}: the recording ends at {t_end:.6g} s: {needed:.6g} bins of "
+                                   f"{float(bin_size):.6g} s")
+    n_rows = int(binning.bin_index_seconds(np.array([t_end]), bin_size)[0]) + 1
+    behavior = {}
+    for name, ts_times, data in series:
+        behavior[name] = binning.average_in_bins(ts_times, data, n_rows, bin_size)
+    return Recording(format="nwb", path=source, bin_size=bin_size, n_rows=n_rows, unit_ids=ids[keep],
+                     unit_quality=quality[keep], files=[path], unit_times_s=unit_times, trials=trials,
+                     behavior=behavior)
+
+
+def _behaviour_series(nwb, source: str = "NWB file"):
+    """(name, timestamps (n,), data (n, k)) of every numeric TimeSeries outside the units,
+    in processing modules and acquisition; names collide -> prefixed by their container."""
+    from pynwb import TimeSeries
+
+    seen: dict[str, int] = {}
+    containers = list(nwb.acquisition.values())
+    for module in nwb.processing.values():
+        containers += list(module.data_interfaces.values())
+    for obj in containers:
+        children = [obj] if isinstance(obj, TimeSeries) else [
+            c for c in getattr(obj, "children", []) if isinstance(c, TimeSeries)]
+        for ts in children:
+            data = np.asarray(ts.data[:])
+            if data.dtype.kind not in "iuf" or data.ndim not in (1, 2) or len(data) == 0:
+                continue
+            if ts.timestamps is not None:
+                times = np.asarray(ts.timestamps[:], dtype=np.float64)
+            else:
+                times = float(ts.starting_time or 0.0) + np.arange(len(data)) / float(ts.rate)
+            check_float32(data, f"{source}: TimeSeries '{ts.name}'")
+            name = ts.name
+            if name in seen:
+                name = f"{obj.name}_{ts.name}"
+            seen[name] = 1
+            yield name, times, data.reshape(len(data), -1)
+
+
+def count_nwb_block(unit_times: list[np.ndarray], row0: int, row1: int, bin_size: Fraction) -> np.ndarray:
+    return binning.count_seconds(unit_times, row0, row1 - row0, bin_size)
