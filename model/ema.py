@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["ema_update_", "copy_params_"]
+__all__ = ["ema_update_"]
 
 
 def _paired(target: nn.Module, online: nn.Module):
@@ -38,12 +38,4 @@ def ema_update_(target: nn.Module, online: nn.Module, tau: float) -> None:
         # lerp(xi, theta, 1 - tau) = xi + (1 - tau)(theta - xi); one fused multi-tensor kernel.
         torch._foreach_lerp_(tp, op, 1.0 - float(tau))
     for t, o in zip(tb, ob):
-        t.copy_(o)
-
-
-@torch.no_grad()
-def copy_params_(target: nn.Module, online: nn.Module) -> None:
-    """Copy every parameter and buffer of ``online`` into ``target`` (xi <- theta)."""
-    tp, op, tb, ob = _paired(target, online)
-    for t, o in zip(tp + tb, op + ob):
         t.copy_(o)

@@ -45,9 +45,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from . import losses
 from .ema import ema_update_
 from .heads import MLPHead
-from . import losses
 
 __all__ = ["MYOW", "ARCHITECTURES"]
 
@@ -125,10 +125,6 @@ class MYOW(nn.Module):
         """The trained modules: encoder f, projector g, predictor q, mined projector h, mined predictor r."""
         return {"encoder": self.encoder, "projector": self.projector, "predictor": self.predictor,
                 "mined_projector": self.mined_projector, "mined_predictor": self.mined_predictor}
-
-    def target_modules(self) -> dict[str, nn.Module]:
-        """The EMA copies of f, g, h (keys match :meth:`online_modules`)."""
-        return dict(self.target.items())
 
     def online_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters the optimizer must own. Use this, not ``parameters()``, which also

@@ -19,7 +19,9 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -42,17 +44,7 @@ def save_checkpoint(path: str | os.PathLike, checkpoint: dict) -> None:
     missing = set(CHECKPOINT_KEYS) - set(checkpoint)
     if missing:
         raise ValueError(f"save_checkpoint: missing keys {sorted(missing)}")
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, lambda f: torch.save(checkpoint, f), fsync=True)
 
 
 EVALUATE_FIX = "train the run again (python -m pipeline.train) or pass another --run"
@@ -150,16 +142,27 @@ def set_rng_state(state: dict, mining: torch.Generator | None = None) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary sibling and os.replace."""
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], fsync: bool = False) -> None:
+    """The project's one atomic writer: ``write(f)`` into a temporary sibling of ``path``
+    (``fsync`` it), then os.replace: a reader, or a crash, never sees a half-written file,
+    and a failed write leaves the old file (or none) and no temporary behind."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        with open(tmp, "wb") as f:
+            write(f)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (:func:`atomic_write`)."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def dir_write_error(path: str | os.PathLike) -> OSError | None:

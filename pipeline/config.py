@@ -24,13 +24,14 @@ from typing import Any
 
 import yaml
 
+from model.methods import METHOD_NAMES
 from preprocess.errors import UsageError
 
 __all__ = ["Config", "ConfigError", "load_config", "build_config", "config_to_dict", "dump_config",
            "METHODS", "OPTIMIZERS", "EMA_SCHEDULES", "DEVICES", "DATA_KINDS", "ENCODERS", "IMAGE_ENCODERS",
            "TRANSFORMS"]
 
-METHODS = ("myow", "byol", "supervised")
+METHODS = METHOD_NAMES  # model.methods: the methods the trainer knows
 OPTIMIZERS = ("adamw", "sgd")
 EMA_SCHEDULES = ("cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")

@@ -25,6 +25,7 @@ from .checkpoint import CHECKPOINT_NAME
 from .cli import to_json
 from .config import load_config
 from .loop import train
+from .runtime import default_run_dir
 from .startup import check_run_dir
 
 log = logging.getLogger("pipeline.demo")
@@ -45,7 +46,7 @@ def run_demo(overrides: list[str] | tuple[str, ...] = (), config: str | None = N
         raise UserError(f"{config}: demo config not found; run from a source checkout or pass --config")
     cfg = load_config(config, overrides)  # validate before spending time on the simulation
     given = bool(cfg.run.dir)
-    run_dir = Path(cfg.run.dir) if given else Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(cfg.run.dir) if given else default_run_dir("demo")
     # the default directory is new on every call: resuming needs it named
     resume_hint = ("rerun the same command to resume" if given else
                    f"rerun with --set run.dir={run_dir} (and the same other options) to resume")

@@ -18,7 +18,7 @@ from preprocess.errors import UserError
 from preprocess.store import filesystem, join_url
 
 from .checkpoint import dir_write_error
-from .config import Config
+from .config import IMAGE_ENCODERS, Config
 from .data.images import build_image_train_data
 from .data.interface import TrainData
 from .data.neural import build_neural_train_data
@@ -50,13 +50,44 @@ def data_kind(cfg: Config) -> str:
         return "neural"
 
 
+def check_kind(cfg: Config, kind: str, normalization=None) -> None:
+    """The settings that only fit one data kind, checked in one place: the encoder, the
+    method, the mining time gap, and a checkpoint's normalisation (``normalization``, the
+    stored state) written for the other kind. UserError naming the key and the fix."""
+    d = cfg.data
+    ckpt_kind = None
+    if normalization is not None:
+        ckpt_kind = "images" if isinstance(normalization, dict) and normalization.get("kind") == "images" else "neural"
+    if kind == "images":
+        if cfg.model.encoder not in IMAGE_ENCODERS:
+            raise UserError(f"{d.path} holds images: set model.encoder to one of {', '.join(IMAGE_ENCODERS)} "
+                            f"(it is {cfg.model.encoder!r}; see configs/mnist_myow.yaml, configs/cifar10_myow.yaml)")
+        if cfg.method.name == "supervised":
+            raise UserError("method.name supervised is the neural-data baseline; image runs take myow or byol")
+        if d.min_time_gap_s:
+            raise UserError("data.min_time_gap_s is for neural data: images have no time, mining only excludes the "
+                            "anchor's own image; leave it null")
+        if ckpt_kind == "neural":
+            raise UserError("the checkpoint was written by a run on a recording store, data.path holds images; "
+                            "resume with the same data, or use another run.dir to start over")
+    else:
+        if ckpt_kind == "images":
+            raise UserError("the checkpoint was written by a run on image shards, data.path is a recording store; "
+                            "resume with the same data, or use another run.dir to start over")
+        if cfg.model.encoder != "mlp":
+            raise UserError(f"data.path is neural data (recording stores): model.encoder must be mlp, not "
+                            f"{cfg.model.encoder!r} (image encoders need image shards)")
+
+
 def build_train_data(cfg: Config, recording: Recording | None = None, normalization=None, rank: int = 0,
                      world_size: int = 1, progress: bool = False) -> TrainData:
     """The run's data for ``rank`` of ``world_size``: image shard sets (:func:`data_kind`
     "images") by :func:`pipeline.data.images.build_image_train_data`, recording stores (or
     ``recording``) by :func:`pipeline.data.neural.build_neural_train_data`.
     ``normalization`` may be a checkpoint's stored state (``checkpoint["normalization"]``)."""
-    if recording is None and data_kind(cfg) == "images":
+    kind = "neural" if recording is not None else data_kind(cfg)
+    check_kind(cfg, kind, normalization)
+    if kind == "images":
         return build_image_train_data(cfg, normalization, rank=rank, world_size=world_size)
     return build_neural_train_data(cfg, recording, normalization, rank=rank, world_size=world_size,
                                    progress=progress)

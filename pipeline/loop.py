@@ -9,7 +9,7 @@
 
 The loop knows nothing of the data kind or the method: the data is a
 :class:`~pipeline.data.interface.TrainData`, its read-outs come from
-:func:`pipeline.kinds.evaluate_data`, and the step is :func:`pipeline.step.train_step`.
+:func:`pipeline.kinds.evaluate_data`, and the method (what it draws, its step) is :func:`pipeline.methods.build_method`'s.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from .distributed import DistEnv, all_gather_pool, all_reduce_mean, barrier, gat
 from .kinds import evaluate_data
 from .runtime import move_to_device
 from .startup import Run, start_run
-from .step import schedules, train_step
+from .step import schedules
 
 log = logging.getLogger("pipeline.train")
 
@@ -173,9 +173,8 @@ def train(cfg: Config, data: TrainData | None = None, env: DistEnv | None = None
                 session_index = run.data.session_at(step)
                 session = run.data.sessions[session_index]
                 anchors = next(session.anchors)
-                schedule = schedules(step, cfg, plan)  # (lr, tau, lambda): no pool while lambda == 0,
-                needs_pool = schedule[2] > 0 and cfg.method.pool != "batch"  # nor when the batch is the pool
-                pool = next(session.pool) if needs_pool else None
+                schedule = schedules(step, cfg, plan)  # (lr, tau, lambda): no pool while lambda == 0
+                pool = next(session.pool) if run.method.needs.candidate_pool and schedule[2] > 0 else None
                 anchors = move_to_device(anchors, device, run.channels_last)
                 pool = move_to_device(pool, device, run.channels_last)
                 t1 = time.perf_counter()
@@ -183,9 +182,9 @@ def train(cfg: Config, data: TrainData | None = None, env: DistEnv | None = None
                 # --- one optimizer step (paper Algorithm 1)
                 set_session(run.model, session_index)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.run.amp):
-                    out = train_step(run.net, run.optimizer, anchors, pool, step, cfg, run.mining_gen,
-                                     plan=run.plans[session_index], gather=gather, context=session.mining_context,
-                                     schedule=schedule)
+                    out = run.method.step(run.net, run.optimizer, anchors, pool, step, cfg, run.mining_gen,
+                                          plan=run.plans[session_index], gather=gather,
+                                          context=session.mining_context, schedule=schedule)
                 t2 = time.perf_counter()
                 done = step + 1
                 samples += anchors[0].shape[0] * env.world_size

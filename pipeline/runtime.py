@@ -14,8 +14,6 @@ import numpy as np
 import threadpoolctl
 import torch
 
-from .config import Config
-
 log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- helpers
@@ -53,9 +51,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def default_run_dir(cfg: Config) -> Path:
+def default_run_dir(name: str) -> Path:
+    """The one run-directory namer: a new ``runs/<name>-<YYYYmmdd-HHMMSS>[-i]``."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = Path("runs") / f"{cfg.method.name}-{stamp}"
+    base = Path("runs") / f"{name}-{stamp}"
     path, i = base, 1
     while path.exists():
         i += 1

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import json
 import logging
 import shutil
 import socket
@@ -23,14 +22,25 @@ from torch import nn
 
 from preprocess.errors import UserError
 
-from .build import build_model, build_optimizer, uses_channels_last
-from .checkpoint import (CHECKPOINT_NAME, TRAIN_FIX, atomic_write_text, check_normalization, checkpoint_error,
-                         dir_write_error, load_checkpoint, set_rng_state, state_dict_problem)
+from .build import build_optimizer, uses_channels_last
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    TRAIN_FIX,
+    atomic_write_text,
+    check_normalization,
+    checkpoint_error,
+    dir_write_error,
+    load_checkpoint,
+    set_rng_state,
+    state_dict_problem,
+)
+from .cli import read_jsonl
 from .config import Config, config_to_dict, dump_config
 from .data.interface import TrainData
 from .data.stages import derive_seed
 from .distributed import DistEnv, barrier, broadcast_object, init_distributed, wrap_ddp
 from .kinds import build_train_data
+from .methods import MethodSpec, build_method
 from .metrics import NullMetrics, make_metrics
 from .runtime import default_run_dir, seed_everything, set_threads
 from .step import Plan
@@ -132,7 +142,7 @@ def per_rank(state, env: DistEnv):
 
 def resolve_run_dir(cfg: Config, env: DistEnv) -> Path:
     """``run.dir``, or a new runs/<method>-<time> chosen by rank 0 and shared with every rank."""
-    run_dir = Path(cfg.run.dir) if cfg.run.dir else (default_run_dir(cfg) if env.is_main else None)
+    run_dir = Path(cfg.run.dir) if cfg.run.dir else (default_run_dir(cfg.method.name) if env.is_main else None)
     return Path(broadcast_object(str(run_dir), env))
 
 
@@ -140,13 +150,7 @@ def trim_metrics(path: Path, last_step: int) -> None:
     """Drop JSON lines with a step after ``last_step`` (written after the checkpoint we resume from)."""
     if not path.is_file():
         return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= last_step:
-                keep.append(line)
-        except ValueError:
-            continue
+    keep = [line for line, record in read_jsonl(path) if record.get("step", 0) <= last_step]
     atomic_write_text(path, "".join(f"{line}\n" for line in keep))
 
 
@@ -195,6 +199,7 @@ class Run:
     metrics_path: Path
     resume_hint: str
     data: TrainData
+    method: MethodSpec  # what the method needs from the data, its model and its step
     plan: Plan  # of the whole run; ``plans``: per session (its own mining time gap)
     plans: list[Plan]
     model: nn.Module  # the MYOW module
@@ -251,10 +256,11 @@ def start_run(cfg: Config, data: TrainData | None = None, env: DistEnv | None = 
             threads = set_threads(cfg.run.threads, images=True)
         if device.type == "cuda":
             data.pin_memory()
+        method = build_method(cfg)
         plan = Plan.build(cfg, data.steps_per_epoch, data.sessions[0].min_time_gap_s)
         plans = [dataclasses.replace(plan, min_time_gap_s=s.min_time_gap_s) for s in data.sessions]
         seed_everything(cfg.run.seed)  # model initialisation: the same on every rank
-        model = build_model(cfg, data.model_input()).to(device)
+        model = method.build_model(cfg, data.model_input()).to(device)
         channels_last = uses_channels_last(cfg, device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -292,5 +298,5 @@ def start_run(cfg: Config, data: TrainData | None = None, env: DistEnv | None = 
         raise
     log.info("run %s: %s, %d steps (%d per epoch), %d rank(s), device %s, %d threads",
              run_dir, cfg.method.name, plan.total_steps, plan.steps_per_epoch, env.world_size, device, threads)
-    return Run(env, device, run_dir, ckpt_path, metrics_path, resume_hint, data, plan, plans, model, net, optimizer,
+    return Run(env, device, run_dir, ckpt_path, metrics_path, resume_hint, data, method, plan, plans, model, net, optimizer,
                mining_gen, metrics, channels_last, start)

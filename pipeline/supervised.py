@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +35,7 @@ from .data.augment import Normalization
 from .data.recording import Recording, load_recording, split_rows
 from .readout.neural import reach_task_rows
 from .readout.probes import angle_accuracy
-from .runtime import set_threads
+from .runtime import default_run_dir, set_threads
 
 log = logging.getLogger("pipeline.supervised")
 
@@ -153,7 +152,7 @@ def train_supervised(cfg: Config) -> tuple[Path, dict]:
     set_threads(cfg.run.threads)
     if not cfg.data.path:
         raise UserError("data.path is not set: pass --set data.path=STORE_URL")
-    run_dir = Path(cfg.run.dir) if cfg.run.dir else Path("runs") / f"supervised-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(cfg.run.dir) if cfg.run.dir else default_run_dir("supervised")
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     rec = load_recording(cfg.data.path, cfg.data.storage_options)

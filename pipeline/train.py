@@ -5,12 +5,10 @@ with the mining weight at 0) on a recording store or on image shards (``data.kin
 detected from ``data.path``), then evaluation. With no arguments it runs the embedded
 demo (see :mod:`pipeline.demo`).
 
-The data is a :class:`~pipeline.data.interface.TrainData` (neural) or a
-:class:`~pipeline.data.images.ImageTrainData` (images): the loop only uses their shared members
-(``sessions`` with ``anchors``/``pool`` streams and ``min_time_gap_s``, ``steps_per_epoch``,
-``session_at``, ``model_input()``, ``normalization_state()``, ``evaluate(...)``,
-``state_dict``/``load_state_dict``, ``pin_memory``, ``close``), so both kinds go through
-the same loop, the same :func:`train_step` and the same checkpoints.
+This module only parses and dispatches: the loop is :func:`pipeline.loop.train`, the
+start-up :func:`pipeline.startup.start_run`, the step :func:`pipeline.step.train_step`, the
+data kind and the read-outs are chosen by :mod:`pipeline.kinds`, the method by
+:mod:`pipeline.methods`.
 
 One optimizer step (:func:`train_step`, paper Algorithm 1)::
 
@@ -22,7 +20,7 @@ One optimizer step (:func:`train_step`, paper Algorithm 1)::
     loss       = loss_aug + lambda * d(r(v_m), v'_idx)
     backward; optimizer step; target EMA
 
-The outer loop (:func:`train`) only decides when to log (``metrics.jsonl`` + tqdm), save
+The loop (:func:`pipeline.loop.train`) only decides when to log (``metrics.jsonl`` + tqdm), save
 (``checkpoint.pt``, atomic) and evaluate. The run directory holds ``config.yaml`` (the
 resolved config), ``metrics.jsonl``, ``checkpoint.pt``, ``eval.json``/``evaluations.jsonl``
 and the evaluation plots. A run directory with a checkpoint is resumed exactly.
@@ -35,12 +33,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from preprocess.errors import UserError, run_cli, setup_logging
+from preprocess.errors import run_cli, setup_logging
 
 from .cli import OneLineParser, to_json
 from .config import load_config
 from .distributed import configure_rank_logging, init_distributed, shutdown
-from .kinds import data_kind
+from .kinds import check_kind, data_kind
 from .loop import train
 from .startup import check_run_dir
 
@@ -86,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_demo(args.set, args.config)
     cfg = load_config(args.config, args.set)
     if cfg.method.name == "supervised":
-        if data_kind(cfg) == "images":
-            raise UserError("method.name supervised is the neural-data baseline; image runs take myow or byol")
+        check_kind(cfg, data_kind(cfg))
         from .supervised import train_supervised
 
         if cfg.run.dir:

@@ -12,7 +12,8 @@ from preprocess.errors import UserError
 from ..runtime import limit_intra_op_threads
 from .image_shards import Item, ShardSet, _SizeMismatch, load_image_tensors
 from .image_views import FIT_SAMPLES, TRANSFORM_SETS, ImageAugment, ImageNormalization
-from .stages import EpochCursor, Prefetcher, derive_seed, epoch_order, ordered_map, shard_for_rank
+from .sampling import MemoryAnchorSampler, MemoryPoolSampler
+from .stages import Prefetcher, derive_seed, epoch_order, ordered_map, shard_for_rank
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ def _meta(samples: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor
 # --------------------------------------------------------------------------- in-memory samplers
 
 
-class ImageAnchorSampler:
+class ImageAnchorSampler(MemoryAnchorSampler):
     """Anchor batches from images in memory (the neural AnchorSampler's sampling).
 
     Each epoch is ``epoch_order(n, order_seed, epoch)`` (the same on every rank); rank r
@@ -38,25 +39,19 @@ class ImageAnchorSampler:
     """
 
     augment_threads: int | None = 1  # intra-op threads of the thread that augments (see limit_intra_op_threads)
+    state_kind, what = "images-memory", "images"
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, augment: ImageAugment, augment_m: ImageAugment,
                  batch_size: int, seed: int, *, order_seed: int, rank: int = 0, world_size: int = 1,
                  mining_view: bool = True, first_sample: int = 0):
         n = len(images)
-        if n < world_size:
-            raise UserError(f"{n} images cannot be shared by {world_size} ranks")
+        super().__init__(n, batch_size, seed, order_seed=order_seed, rank=rank, world_size=world_size)
         self.images, self.labels, self.augment, self.augment_m = images, labels, augment, augment_m
         self.samples = torch.arange(first_sample, first_sample + n, dtype=torch.int64)
         self.mining_view = mining_view
-        self.cursor = EpochCursor(n, batch_size, order_seed, rank, world_size)
-        self.batch_size, self.steps_per_epoch = self.cursor.batch_size, self.cursor.steps_per_epoch
-        self.generator = torch.Generator().manual_seed(seed)
 
     def next_indices(self) -> torch.Tensor:
         return self.cursor.next()
-
-    def __iter__(self):
-        return self
 
     def __next__(self):
         limit_intra_op_threads(self.augment_threads)
@@ -66,55 +61,26 @@ class ImageAnchorSampler:
         x_m = self.augment_m(images, g) if self.mining_view else None
         return x1, x2, x_m, _meta(self.samples[idx], self.labels[idx])
 
-    def state_dict(self) -> dict:
-        return {"kind": "images-memory", "generator": self.generator.get_state(), **self.cursor.state_dict(),
-                "n_samples": len(self.images), "order_seed": self.cursor.order_seed}
 
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("kind") != "images-memory" or state["n_samples"] != len(self.images):
-            raise UserError(f"the checkpoint's anchor stream state ({state.get('kind')}, {state.get('n_samples')} "
-                            f"images) does not match the data (images-memory, {len(self.images)}); resume with the "
-                            "same data and settings")
-        self.generator.set_state(state["generator"])
-        self.cursor.load_state_dict(state)
-
-
-class ImagePoolSampler:
+class ImagePoolSampler(MemoryPoolSampler):
     """Candidate pools from images in memory, independent of the anchors (own generator):
     ``next()`` -> (x_pool (L, C, S, S), meta); L images drawn uniformly (without replacement
     when L <= n), one T_m view each."""
 
     augment_threads: int | None = 1  # intra-op threads of the thread that augments (see limit_intra_op_threads)
+    state_kind, what = "images-memory", "images"
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, augment_m: ImageAugment, pool_size: int, seed: int,
                  first_sample: int = 0):
-        if len(images) == 0:
-            raise UserError("no images for the mining pool")
-        self.images, self.labels, self.augment_m, self.pool_size = images, labels, augment_m, int(pool_size)
+        super().__init__(len(images), pool_size, seed)
+        self.images, self.labels, self.augment_m = images, labels, augment_m
         self.samples = torch.arange(first_sample, first_sample + len(images), dtype=torch.int64)
-        self.generator = torch.Generator().manual_seed(seed)
-        self.draws = 0
-
-    def __iter__(self):
-        return self
 
     def __next__(self):
         limit_intra_op_threads(self.augment_threads)
-        n, L, g = len(self.images), self.pool_size, self.generator
-        idx = torch.randperm(n, generator=g)[:L] if L <= n else torch.randint(n, (L,), generator=g)
-        self.draws += 1
-        return self.augment_m(self.images.index_select(0, idx), g), _meta(self.samples[idx], self.labels[idx])
-
-    def state_dict(self) -> dict:
-        return {"kind": "images-memory", "generator": self.generator.get_state(), "draws": self.draws,
-                "n_samples": len(self.images)}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("kind") != "images-memory" or state["n_samples"] != len(self.images):
-            raise UserError("the checkpoint's pool stream state does not match the data; resume with the same data "
-                            "and settings")
-        self.generator.set_state(state["generator"])
-        self.draws = int(state["draws"])
+        idx = self.draw()
+        return (self.augment_m(self.images.index_select(0, idx), self.generator),
+                _meta(self.samples[idx], self.labels[idx]))
 
 
 # --------------------------------------------------------------------------- streamed

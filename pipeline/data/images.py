@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 import torch
 
+from model.methods import data_needs
 from preprocess.errors import UserError
 from preprocess.shard_format import read_index
 from preprocess.store import filesystem, join_url
 
-from ..config import IMAGE_ENCODERS
 from .image_shards import ShardSet, _SizeMismatch, load_image_tensors
 from .image_streams import build_image_streams
 from .image_views import ImageNormalization
@@ -251,17 +251,6 @@ def build_image_train_data(cfg, normalization: dict | None = None, *, rank: int 
     are reused, so a ``normalize: fit`` run continues with the statistics it started with.
     """
     d, im = cfg.data, cfg.images
-    if cfg.model.encoder not in IMAGE_ENCODERS:
-        raise UserError(f"{d.path} holds images: set model.encoder to one of {', '.join(IMAGE_ENCODERS)} "
-                        f"(it is {cfg.model.encoder!r}; see configs/mnist_myow.yaml, configs/cifar10_myow.yaml)")
-    if cfg.method.name == "supervised":
-        raise UserError("method.name supervised is the neural-data baseline; image runs take myow or byol")
-    if d.min_time_gap_s:
-        raise UserError("data.min_time_gap_s is for neural data: images have no time, mining only excludes the "
-                        "anchor's own image; leave it null")
-    if normalization is not None and not (isinstance(normalization, dict) and normalization.get("kind") == "images"):
-        raise UserError("the checkpoint was written by a run on a recording store, data.path holds images; resume "
-                        "with the same data, or use another run.dir to start over")
     train_sel, eval_sel = resolve_selections(cfg)
     if normalization is not None:
         normalize = (tuple(normalization["mean"]), tuple(normalization["std"]))
@@ -269,7 +258,8 @@ def build_image_train_data(cfg, normalization: dict | None = None, *, rank: int 
     else:
         normalize = im.normalize if isinstance(im.normalize, str) else (tuple(im.normalize[0]), tuple(im.normalize[1]))
         image_size = im.image_size
-    mining_view = cfg.effective_mining_weight > 0 and cfg.method.mining_view == "separate"
+    mining_view = data_needs(cfg.method.name, cfg.effective_mining_weight, cfg.method.pool,
+                             cfg.method.mining_view).mining_view  # x_m, a separate view to mine with
     anchors, pool = build_image_streams(
         train_sel.url, d.storage_options, batch_size=cfg.optim.batch_size, pool_size=cfg.method.pool_size,
         seed=cfg.run.seed, rank=rank, world_size=world_size, transform=im.transform, mining_view=mining_view,

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from model.methods import data_needs
 from preprocess.errors import UserError
 from preprocess.store import filesystem, join_url
 
@@ -46,8 +47,14 @@ from .interface import SessionList
 from .recording import Recording, hand_speed, open_store, split_rows
 from .samplers import AnchorSampler, PoolSampler, Samples, training_samples
 from .stages import Prefetcher, derive_seed
-from .streams import (BlockAnchorStream, BlockPoolStream, StreamSettings, default_block_rows, fit_normalization_stats,
-                      release_freed_blocks)
+from .streams import (
+    BlockAnchorStream,
+    BlockPoolStream,
+    StreamSettings,
+    default_block_rows,
+    fit_normalization_stats,
+    release_freed_blocks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -158,13 +165,7 @@ def build_neural_train_data(cfg: Config, recording: Recording | None = None,
     d = cfg.data
     if isinstance(normalization, dict) or (isinstance(normalization, list) and normalization
                                            and isinstance(normalization[0], dict)):
-        if isinstance(normalization, dict) and normalization.get("kind") == "images":
-            raise UserError("the checkpoint was written by a run on image shards, data.path is a recording store; "
-                            "resume with the same data, or use another run.dir to start over")
         normalization = normalizations_from(normalization)
-    if cfg.model.encoder != "mlp":
-        raise UserError(f"data.path is neural data (recording stores): model.encoder must be mlp, not "
-                        f"{cfg.model.encoder!r} (image encoders need image shards)")
     if recording is not None:
         recordings = [recording]
     else:
@@ -201,7 +202,8 @@ def _build_session(cfg: Config, rec: Recording, normalization: Normalization | N
     seed, B, sid = cfg.run.seed, cfg.optim.batch_size, rec.store_id
     anchor_seed, order_seed = derive_seed(seed, 1, rank, sid), derive_seed(seed, 4, sid)
     pool_seed = derive_seed(seed, 2, rank, sid)
-    mining_view = cfg.effective_mining_weight > 0 and cfg.method.mining_view == "separate"
+    mining_view = data_needs(cfg.method.name, cfg.effective_mining_weight, cfg.method.pool,
+                             cfg.method.mining_view).mining_view  # x_m, a separate view to mine with
     samples = None
     if in_memory:
         rec.load_rates()

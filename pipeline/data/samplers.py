@@ -9,12 +9,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from preprocess.errors import UserError
-
 from .augment import Augmenter
 from .jitter import draw_positives, jitter_table
 from .recording import Recording
-from .stages import EpochCursor
+from .sampling import MemoryAnchorSampler, MemoryPoolSampler
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +57,7 @@ def _take_meta(meta: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, to
 # --------------------------------------------------------------------------- in-memory samplers
 
 
-class AnchorSampler:
+class AnchorSampler(MemoryAnchorSampler):
     """Anchor batches from samples in memory.
 
     Every epoch is a permutation of the training samples that depends only on
@@ -76,23 +74,15 @@ class AnchorSampler:
     def __init__(self, samples: Samples, augment: Augmenter, batch_size: int, seed: int, *, order_seed: int,
                  rank: int = 0, world_size: int = 1, structured: bool = False, mining_view: bool = True,
                  mining_augment: Augmenter | None = None):
-        n = len(samples)
-        if n < world_size:
-            raise UserError(f"{n} training samples cannot be shared by {world_size} ranks")
+        super().__init__(len(samples), batch_size, seed, order_seed=order_seed, rank=rank, world_size=world_size)
         self.samples, self.augment, self.structured, self.mining_view = samples, augment, structured, mining_view
         self.mining_augment = mining_augment or augment  # T_m of x_m
-        self.cursor = EpochCursor(n, batch_size, order_seed, rank, world_size)
-        self.batch_size, self.steps_per_epoch = self.cursor.batch_size, self.cursor.steps_per_epoch
-        self.generator = torch.Generator().manual_seed(seed)
 
     def next_indices(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(anchor positions (B,), positive positions (B,)) into the samples."""
         anchor = self.cursor.next()
         s = self.samples
         return anchor, draw_positives(anchor, s.neighbors, s.n_neighbors, self.generator)
-
-    def __iter__(self):
-        return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
         anchor, positive = self.next_indices()
@@ -104,20 +94,8 @@ class AnchorSampler:
         x_m = self.mining_augment(rates, g, drop) if self.mining_view else None
         return x1, x2, x_m, _take_meta(s.meta, anchor)
 
-    def state_dict(self) -> dict:
-        return {"kind": "memory", "generator": self.generator.get_state(), **self.cursor.state_dict(),
-                "n_samples": len(self.samples)}
 
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("kind") != "memory" or state["n_samples"] != len(self.samples):
-            raise UserError(f"the checkpoint's anchor stream state is for {state.get('n_samples')} training samples "
-                            f"({state.get('kind')} loading), the data has {len(self.samples)} in memory; "
-                            "resume with the same data and config")
-        self.generator.set_state(state["generator"])
-        self.cursor.load_state_dict(state)
-
-
-class PoolSampler:
+class PoolSampler(MemoryPoolSampler):
     """Candidate pools for mining, independent of the anchors (own generator and seed).
 
     ``next(sampler)`` -> ``(x_pool (L, N), meta_pool)``: L training samples drawn uniformly
@@ -126,31 +104,10 @@ class PoolSampler:
     """
 
     def __init__(self, samples: Samples, augment: Augmenter, pool_size: int, seed: int):
-        if len(samples) == 0:
-            raise UserError("no training samples for the mining pool")
-        self.samples, self.augment, self.pool_size = samples, augment, pool_size
-        self.generator = torch.Generator().manual_seed(seed)
-        self.draws = 0
-
-    def __iter__(self):
-        return self
+        super().__init__(len(samples), pool_size, seed)
+        self.samples, self.augment = samples, augment
 
     def __next__(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        n, L, g = len(self.samples), self.pool_size, self.generator
-        idx = torch.randperm(n, generator=g)[:L] if L <= n else torch.randint(n, (L,), generator=g)
-        self.draws += 1
-        x = self.augment(self.samples.rates.index_select(0, idx), g)
+        idx = self.draw()
+        x = self.augment(self.samples.rates.index_select(0, idx), self.generator)
         return x, _take_meta(self.samples.meta, idx)
-
-    def state_dict(self) -> dict:
-        return {"kind": "memory", "generator": self.generator.get_state(), "draws": self.draws,
-                "n_samples": len(self.samples)}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("kind") != "memory" or state["n_samples"] != len(self.samples):
-            raise UserError("the checkpoint's pool stream state does not match the data; "
-                            "resume with the same data and config")
-        self.generator.set_state(state["generator"])
-        self.draws = int(state["draws"])
-
-

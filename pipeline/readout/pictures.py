@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..cli import read_jsonl
 from ..data.image_views import ImageNormalization
 from ..data.recording import Recording, hand_speed, split_rows
 from .probes import TSNE_MAX_ROWS
@@ -21,16 +21,8 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- plots
 
 
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
-    return rows
+def _records(path: Path) -> list[dict]:
+    return [record for _, record in read_jsonl(path)]
 
 
 def save_plots(run_dir: str | os.PathLike, embedding: np.ndarray, rec: Recording, split=(0.7, 0.1, 0.2),
@@ -95,7 +87,7 @@ def save_agreement_plot(run_dir: str | os.PathLike, chance: float | None = None,
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
-    rows = [r for r in _read_metrics(run_dir / "metrics.jsonl") if r.get("mined_label_agreement_ratio") is not None]
+    rows = [r for r in _records(run_dir / "metrics.jsonl") if r.get("mined_label_agreement_ratio") is not None]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     if rows:
         ax.plot([r["step"] for r in rows], [r["mined_label_agreement_ratio"] for r in rows], lw=1)

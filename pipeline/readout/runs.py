@@ -11,7 +11,7 @@ import numpy as np
 
 from preprocess.errors import UserError
 
-from ..checkpoint import CHECKPOINT_NAME, EVALUATE_FIX, checkpoint_error, dir_write_error, load_checkpoint
+from ..checkpoint import CHECKPOINT_NAME, EVALUATE_FIX, atomic_write, checkpoint_error, dir_write_error, load_checkpoint
 from ..config import Config, ConfigError, build_config
 
 log = logging.getLogger(__name__)
@@ -62,16 +62,10 @@ def export_arrays(path: str | os.PathLike, **arrays: np.ndarray) -> None:
     sibling, then os.replace), so a failed export leaves nothing behind. The target was
     checked (and an existing file allowed or refused) by :func:`export_target` beforehand."""
     path = export_target(path, overwrite=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: np.savez(f, **arrays))
     except OSError as err:
         raise UserError(f"--export-embeddings {path}: cannot write it ({err.strerror or err}); "
                         "choose another location") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 

@@ -46,7 +46,7 @@ def test_target_not_in_online_parameters_and_frozen():
     # online + target = all parameters
     assert online | target == {id(p) for p in m.parameters()}
     assert set(m.online_modules()) == {"encoder", "projector", "predictor", "mined_projector", "mined_predictor"}
-    assert set(m.target_modules()) == {"encoder", "projector", "mined_projector"}
+    assert set(m.target) == {"encoder", "projector", "mined_projector"}
 
 
 @pytest.mark.parametrize("arch", ["cascaded", "parallel", "single"])

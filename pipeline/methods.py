@@ -1,0 +1,41 @@
+"""The one module that knows the methods: ``build_method(cfg)`` returns what the trainer
+needs of ``cfg.method.name``: the data it needs (:class:`model.methods.DataNeeds`), how to
+build its model, and its step.
+
+    myow, byol   model.myow.MYOW (BYOL = lambda 0), pipeline.step.train_step
+    supervised   the supervised MLP baseline (pipeline.supervised; its own fit for now)
+
+Adding a method: its pure module under ``model/``, its declaration in
+:func:`model.methods.data_needs`, and one entry here. The loop, the checkpoint and the
+distributed code stay as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from model.methods import DataNeeds, data_needs
+
+from .build import build_model
+from .config import Config
+from .step import train_step
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What the trainer needs of a method."""
+
+    name: str
+    needs: DataNeeds
+    build_model: Callable[[Config, int | list[int]], nn.Module]  # (cfg, model_input) -> Method module
+    step: Callable[..., dict]  # train_step-shaped: one optimizer step -> metrics dict
+
+
+def build_method(cfg: Config) -> MethodSpec:
+    """The method of ``cfg.method`` (validated by the config: the name is known)."""
+    m = cfg.method
+    needs = data_needs(m.name, cfg.effective_mining_weight, m.pool, m.mining_view)
+    return MethodSpec(m.name, needs, build_model, train_step)
