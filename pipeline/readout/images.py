@@ -18,7 +18,7 @@ from ..data.image_views import ImageNormalization
 from ..data.images import Selection, load_selection, resolve_selections
 from ..runtime import set_threads
 from .pictures import save_agreement_plot, save_confusion, save_mining_grid
-from .probes import knn_accuracy, linear_probe_details
+from .probes import frozen_features, knn_accuracy, linear_probe_details
 from .runs import export_arrays
 
 log = logging.getLogger(__name__)
@@ -31,16 +31,9 @@ def embed_images(encoder: torch.nn.Module, images_uint8: torch.Tensor, normalize
                  device: str | torch.device = "cpu", batch_size: int = 512) -> torch.Tensor:
     """Frozen-encoder representations of un-augmented images: (n, C, H, W) uint8 -> (n, D)
     float32 on the CPU (the encoder runs in eval mode; its mode is restored afterwards)."""
-    was_training = encoder.training
-    encoder.eval()
-    try:
-        out = []
-        for chunk in images_uint8.split(batch_size):
-            x = normalize.normalize_uint8(chunk.to(device, non_blocking=True))
-            out.append(encoder(x).float().cpu())
-        return torch.cat(out) if out else torch.empty(0)
-    finally:
-        encoder.train(was_training)
+    features = frozen_features(encoder, (normalize.normalize_uint8(chunk.to(device, non_blocking=True))
+                                         for chunk in images_uint8.split(batch_size)))
+    return torch.empty(0) if features is None else features
 
 
 # --------------------------------------------------------------------------- image evaluation

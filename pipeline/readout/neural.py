@@ -20,7 +20,7 @@ from ..data.augment import Normalization, normalizations_from
 from ..data.neural import session_urls
 from ..data.recording import Recording, hand_speed, open_store, split_rows
 from .pictures import save_plots
-from .probes import MAX_CLASSES, classification_readout, reach_readout
+from .probes import MAX_CLASSES, classification_readout, frozen_features, reach_readout
 from .runs import export_arrays
 
 log = logging.getLogger(__name__)
@@ -42,16 +42,11 @@ def embed(encoder: torch.nn.Module, rates: torch.Tensor | Recording, normalizati
         blocks = [rates.rates] if rates.in_memory else (x for _, x in rates.iter_rates())
     else:
         blocks = [rates]
-    was_training = encoder.training
-    encoder.eval()
-    try:
-        parts = [encoder(normalization(x[i:i + batch_size]).to(device)).float().cpu()
-                 for x in blocks for i in range(0, x.shape[0], batch_size)]
-    finally:
-        encoder.train(was_training)
-    if not parts:
+    features = frozen_features(encoder, (normalization(x[i:i + batch_size]).to(device)
+                                         for x in blocks for i in range(0, x.shape[0], batch_size)))
+    if features is None:
         return np.zeros((0, getattr(encoder, "out_dim", 0)), dtype=np.float32)
-    return torch.cat(parts).numpy().astype(np.float32, copy=False)
+    return features.numpy().astype(np.float32, copy=False)
 
 
 def _task_rows(rec: Recording, splits: dict, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

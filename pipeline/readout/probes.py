@@ -294,3 +294,16 @@ def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
     return correct / max(1, len(te))
 
 
+@torch.no_grad()
+def frozen_features(encoder: torch.nn.Module, batches) -> torch.Tensor | None:
+    """The one frozen-encoder pass of the read-outs: ``encoder`` in eval mode (BatchNorm
+    running statistics; its previous mode restored afterwards) over ``batches`` (an iterable
+    of prepared input tensors, consumed lazily) -> (n, D) float32 on the CPU, in order;
+    None when there are no batches."""
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        parts = [encoder(x).float().cpu() for x in batches]
+    finally:
+        encoder.train(was_training)
+    return torch.cat(parts) if parts else None
