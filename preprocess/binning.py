@@ -106,17 +106,33 @@ def assign_trials(bin_start: np.ndarray, trial_start: np.ndarray, trial_stop: np
     return np.where(inside, idx, -1).astype(np.int32)
 
 
+def accumulate_in_bins(sums: np.ndarray, counts: np.ndarray, timestamps: np.ndarray, values: np.ndarray,
+                       bin_size: Fraction) -> None:
+    """Add ``values`` (n, k) into the per-bin ``sums`` (T, k) float64 and ``counts`` (T,)
+    float64 by the bin of each timestamp; samples outside [0, T) bins or not finite are
+    skipped. Chunk by chunk, this averages a series of any length in O(T k) memory."""
+    values = np.asarray(values, dtype=np.float64).reshape(len(values), -1)
+    n_rows = len(counts)
+    rows = bin_index_seconds(timestamps, bin_size)
+    keep = (rows >= 0) & (rows < n_rows) & np.isfinite(values).all(axis=1)
+    rows, values = rows[keep], values[keep]
+    counts += np.bincount(rows, minlength=n_rows)
+    for j in range(values.shape[1]):
+        sums[:, j] += np.bincount(rows, weights=values[:, j], minlength=n_rows)
+
+
+def mean_of_bins(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """(T, k) float32 means of :func:`accumulate_in_bins`' sums, NaN for empty bins."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (sums / counts[:, None]).astype(np.float32)
+
+
 def average_in_bins(timestamps: np.ndarray, values: np.ndarray, n_rows: int, bin_size: Fraction) -> np.ndarray:
     """Mean of ``values`` (n, k) over the samples whose timestamp falls in each bin.
 
     Returns (n_rows, k) float32 with NaN for bins without samples.
     """
     values = np.asarray(values, dtype=np.float64).reshape(len(values), -1)
-    rows = bin_index_seconds(timestamps, bin_size)
-    keep = (rows >= 0) & (rows < n_rows) & np.isfinite(values).all(axis=1)
-    rows, values = rows[keep], values[keep]
-    n = np.bincount(rows, minlength=n_rows).astype(np.float64)
-    sums = np.stack([np.bincount(rows, weights=values[:, j], minlength=n_rows) for j in range(values.shape[1])], 1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = sums / n[:, None]
-    return mean.astype(np.float32)
+    sums, counts = np.zeros((n_rows, values.shape[1])), np.zeros(n_rows)
+    accumulate_in_bins(sums, counts, timestamps, values, bin_size)
+    return mean_of_bins(sums, counts)

@@ -117,9 +117,8 @@ def _read_nwb_open(nwb, source: str, path: str, bin_size: Fraction, units: str,
         t_end = max(t_end, float(stop.max()))
 
     series = list(_behaviour_series(nwb, source))
-    for _, ts_times, _ in series:
-        if len(ts_times):
-            t_end = max(t_end, float(ts_times[-1]))
+    for _, ts, n in series:
+        t_end = max(t_end, float(_series_times(ts, n - 1, n)[0]))
     if not math.isfinite(t_end):
         raise UserError(f"{source}: a behavioural time series has non-finite timestamps; fix its timestamps or rate")
     if t_end <= 0:
@@ -132,17 +131,27 @@ def _read_nwb_open(nwb, source: str, path: str, bin_size: Fraction, units: str,
                                    f"{float(bin_size):.6g} s")
     n_rows = int(binning.bin_index_seconds(np.array([t_end]), bin_size)[0]) + 1
     behavior = {}
-    for name, ts_times, data in series:
-        behavior[name] = binning.average_in_bins(ts_times, data, n_rows, bin_size)
+    for name, ts, n in series:
+        behavior[name] = _average_series(ts, n, n_rows, bin_size, f"{source}: TimeSeries '{ts.name}'")
     return Recording(format="nwb", path=source, bin_size=bin_size, n_rows=n_rows, unit_ids=ids[keep],
                      unit_quality=quality[keep], files=[path], unit_times_s=unit_times, trials=trials,
                      behavior=behavior)
 
 
+BEHAVIOUR_CHUNK_VALUES = 1 << 22  # values of a behavioural series read at a time (32 MiB as float64)
+
+
 def _behaviour_series(nwb, source: str = "NWB file"):
-    """(name, timestamps (n,), data (n, k)) of every numeric TimeSeries outside the units,
-    in processing modules and acquisition; names collide -> prefixed by their container."""
+    """(name, series, n samples) of every numeric TimeSeries outside the units, in processing
+    modules and acquisition; names collide -> prefixed by their container.
+
+    Voltage is not behaviour: ElectricalSeries (the raw acquisition, LFP, spike snippets)
+    are skipped with an info line. Labs keep them in the same file, and averaging 32
+    channels of 30 kHz raw data into bins made a 10-minute file need 11 GB. Nothing is read
+    here but the shape; :func:`_average_series` reads the samples in chunks.
+    """
     from pynwb import TimeSeries
+    from pynwb.ecephys import ElectricalSeries
 
     seen: dict[str, int] = {}
     containers = list(nwb.acquisition.values())
@@ -152,19 +161,44 @@ def _behaviour_series(nwb, source: str = "NWB file"):
         children = [obj] if isinstance(obj, TimeSeries) else [
             c for c in getattr(obj, "children", []) if isinstance(c, TimeSeries)]
         for ts in children:
-            data = np.asarray(ts.data[:])
-            if data.dtype.kind not in "iuf" or data.ndim not in (1, 2) or len(data) == 0:
+            if isinstance(ts, ElectricalSeries):
+                log.info("%s: %s '%s' is voltage, not behaviour: not binned", source, type(ts).__name__, ts.name)
                 continue
-            if ts.timestamps is not None:
-                times = np.asarray(ts.timestamps[:], dtype=np.float64)
-            else:
-                times = float(ts.starting_time or 0.0) + np.arange(len(data)) / float(ts.rate)
-            check_float32(data, f"{source}: TimeSeries '{ts.name}'")
+            data = ts.data
+            shape = tuple(getattr(data, "shape", None) or np.shape(data))
+            dtype = getattr(data, "dtype", None)
+            dtype = np.dtype(dtype) if dtype is not None else np.asarray(data[:1]).dtype
+            if dtype.kind not in "iuf" or len(shape) not in (1, 2) or shape[0] == 0:
+                continue
             name = ts.name
             if name in seen:
                 name = f"{obj.name}_{ts.name}"
             seen[name] = 1
-            yield name, times, data.reshape(len(data), -1)
+            yield name, ts, int(shape[0])
+
+
+def _series_times(ts, lo: int, hi: int) -> np.ndarray:
+    """(hi - lo,) float64 seconds of samples [lo, hi) of ``ts`` (its timestamps, or its rate)."""
+    if ts.timestamps is not None:
+        return np.asarray(ts.timestamps[lo:hi], dtype=np.float64)
+    return float(ts.starting_time or 0.0) + np.arange(lo, hi, dtype=np.float64) / float(ts.rate)
+
+
+def _average_series(ts, n: int, n_rows: int, bin_size: Fraction, where: str) -> np.ndarray:
+    """Mean of the ``n`` samples of ``ts`` over each of ``n_rows`` bins, read in chunks of
+    about ``BEHAVIOUR_CHUNK_VALUES`` values (memory: the (n_rows, k) sums, not the series).
+    Returns (n_rows, k) float32, NaN for bins without (finite) samples."""
+    shape = tuple(getattr(ts.data, "shape", None) or np.shape(ts.data))
+    k = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    sums = np.zeros((n_rows, k), dtype=np.float64)
+    counts = np.zeros(n_rows, dtype=np.float64)
+    step = max(1, BEHAVIOUR_CHUNK_VALUES // max(1, k))
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        data = np.asarray(ts.data[lo:hi])
+        check_float32(data, where)
+        binning.accumulate_in_bins(sums, counts, _series_times(ts, lo, hi), data.reshape(hi - lo, -1), bin_size)
+    return binning.mean_of_bins(sums, counts)
 
 
 def count_nwb_block(unit_times: list[np.ndarray], row0: int, row1: int, bin_size: Fraction) -> np.ndarray:

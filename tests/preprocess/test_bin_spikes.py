@@ -441,3 +441,48 @@ def test_unreachable_scheduler_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "--scheduler" in err and "\n" not in err
     assert not (tmp_path / "o.zarr").exists()
+
+
+def _nwb_with_voltage(path, duration_s=20.0):
+    """An NWB file as labs write it: units, raw voltage in acquisition, LFP in processing and
+    a behavioural series; returns (velocity timestamps, velocity (n, 2))."""
+    from datetime import datetime, timezone
+
+    from pynwb import NWBHDF5IO, NWBFile, TimeSeries
+    from pynwb.behavior import BehavioralTimeSeries
+    from pynwb.ecephys import LFP, ElectricalSeries
+
+    nwb = NWBFile(session_description="t", identifier="v", session_start_time=datetime(2020, 1, 1, tzinfo=timezone.utc))
+    rng = np.random.default_rng(1)
+    for n in (40, 60):
+        nwb.add_unit(spike_times=np.sort(rng.uniform(0, duration_s, size=n)))
+    device = nwb.create_device(name="probe")
+    group = nwb.create_electrode_group(name="shank", description="s", location="CA1", device=device)
+    for _ in range(4):
+        nwb.add_electrode(group=group, location="CA1")
+    region = nwb.create_electrode_table_region(list(range(4)), "all")
+    raw = rng.integers(-500, 500, size=(int(duration_s * 1000), 4)).astype(np.int16)
+    nwb.add_acquisition(ElectricalSeries(name="raw", data=raw, electrodes=region, rate=1000.0))
+    ecephys = nwb.create_processing_module("ecephys", "lfp")
+    ecephys.add(LFP(electrical_series=ElectricalSeries(name="lfp", data=raw[::10].astype(np.float32),
+                                                       electrodes=region, rate=100.0)))
+    module = nwb.create_processing_module("behavior", "behaviour")
+    t = np.arange(0, duration_s, 0.01)
+    vel = np.stack([np.sin(t), np.cos(t)], 1)
+    module.add(BehavioralTimeSeries(time_series=[TimeSeries(name="velocity", data=vel, unit="cm/s", timestamps=t)]))
+    with NWBHDF5IO(str(path), "w") as io:
+        io.write(nwb)
+    return t, vel
+
+
+def test_nwb_voltage_is_not_behaviour_and_behaviour_is_read_in_chunks(tmp_path, monkeypatch):
+    from preprocess import source_nwb
+
+    _, vel = _nwb_with_voltage(tmp_path / "v.nwb")
+    whole = run_ok([str(tmp_path / "v.nwb"), "--out", str(tmp_path / "a.zarr"), "--bin-size", "0.1", "--units", "all"])
+    assert sorted(k for k in whole["behavior"].keys()) == ["velocity"]  # raw and LFP are not binned
+    v = whole["behavior/velocity"][:]
+    np.testing.assert_allclose(v[5], vel[50:60].mean(0), rtol=1e-5)
+    monkeypatch.setattr(source_nwb, "BEHAVIOUR_CHUNK_VALUES", 14)  # 7 samples of 2 values per read
+    chunked = run_ok([str(tmp_path / "v.nwb"), "--out", str(tmp_path / "b.zarr"), "--bin-size", "0.1", "--units", "all"])
+    np.testing.assert_allclose(chunked["behavior/velocity"][:], v, rtol=1e-6)
