@@ -190,7 +190,7 @@ class RunConfig:
     dir: str | None = None  # null = runs/<method>-<timestamp>
     seed: int = 0
     device: str = "auto"  # auto (cuda when available) | cpu | cuda
-    threads: int = 0  # torch intra-op threads; 0 = auto (see pipeline.train.set_threads)
+    threads: int = 0  # torch (and BLAS) threads; 0 = auto: 1 for recordings, cores - 1 for images (pipeline.runtime.set_threads)
     resume: bool = True  # continue from dir/checkpoint.pt when it exists
     progress: bool = True  # tqdm progress bar
     amp: bool = False  # bf16 autocast of the forward passes (GPUs with bf16; off on CPUs)

@@ -20,8 +20,13 @@ log = logging.getLogger(__name__)
 
 
 def set_threads(threads: int, images: bool = False) -> int:
-    """torch intra-op threads: ``threads``, or auto = the CPU cores available (<= 4: the
-    MLPs are small, more threads only add synchronisation). Returns the number set.
+    """torch intra-op threads: ``threads``, or auto. Returns the number set.
+
+    Auto, recording stores: 1. The MLPs are small: one thread was faster than two on this
+    2-core machine both on its own (12.1 vs 10.8 reach MYOW steps/s) and with a busy process
+    beside it (7.8 vs 7.1), and a team of OpenMP threads that shares its cores with other
+    busy processes waits at every barrier for a descheduled member
+    (``python benchmarks/contention.py``).
 
     ``images`` (image data on a CPU): auto = every core but one, which is left to the
     streams' augmenting threads. An OpenMP team that shares its cores with other busy
@@ -39,7 +44,7 @@ def set_threads(threads: int, images: bool = False) -> int:
             cores = len(os.sched_getaffinity(0))
         except AttributeError:
             cores = os.cpu_count() or 1
-        threads = max(1, cores - 1) if images else max(1, min(4, cores))
+        threads = max(1, cores - 1) if images else 1
     torch.set_num_threads(threads)
     threadpoolctl.threadpool_limits(threads)
     return threads

@@ -146,12 +146,13 @@ def _behaviour_series(nwb, source: str = "NWB file"):
     modules and acquisition; names collide -> prefixed by their container.
 
     Voltage is not behaviour: ElectricalSeries (the raw acquisition, LFP, spike snippets)
-    are skipped with an info line. Labs keep them in the same file, and averaging 32
+    are skipped with an info line, as are IntervalSeries (+1/-1 interval marks, not values). Labs keep them in the same file, and averaging 32
     channels of 30 kHz raw data into bins made a 10-minute file need 11 GB. Nothing is read
     here but the shape; :func:`_average_series` reads the samples in chunks.
     """
     from pynwb import TimeSeries
     from pynwb.ecephys import ElectricalSeries
+    from pynwb.misc import IntervalSeries
 
     seen: dict[str, int] = {}
     containers = list(nwb.acquisition.values())
@@ -161,8 +162,8 @@ def _behaviour_series(nwb, source: str = "NWB file"):
         children = [obj] if isinstance(obj, TimeSeries) else [
             c for c in getattr(obj, "children", []) if isinstance(c, TimeSeries)]
         for ts in children:
-            if isinstance(ts, ElectricalSeries):
-                log.info("%s: %s '%s' is voltage, not behaviour: not binned", source, type(ts).__name__, ts.name)
+            if isinstance(ts, (ElectricalSeries, IntervalSeries)):
+                log.info("%s: %s '%s' is not behaviour: not binned", source, type(ts).__name__, ts.name)
                 continue
             data = ts.data
             shape = tuple(getattr(data, "shape", None) or np.shape(data))

@@ -451,6 +451,7 @@ def _nwb_with_voltage(path, duration_s=20.0):
     from pynwb import NWBHDF5IO, NWBFile, TimeSeries
     from pynwb.behavior import BehavioralTimeSeries
     from pynwb.ecephys import LFP, ElectricalSeries
+    from pynwb.misc import IntervalSeries
 
     nwb = NWBFile(session_description="t", identifier="v", session_start_time=datetime(2020, 1, 1, tzinfo=timezone.utc))
     rng = np.random.default_rng(1)
@@ -466,6 +467,7 @@ def _nwb_with_voltage(path, duration_s=20.0):
     ecephys = nwb.create_processing_module("ecephys", "lfp")
     ecephys.add(LFP(electrical_series=ElectricalSeries(name="lfp", data=raw[::10].astype(np.float32),
                                                        electrodes=region, rate=100.0)))
+    nwb.add_acquisition(IntervalSeries(name="laser", data=[1, -1], timestamps=[2.0, 3.0]))
     module = nwb.create_processing_module("behavior", "behaviour")
     t = np.arange(0, duration_s, 0.01)
     vel = np.stack([np.sin(t), np.cos(t)], 1)
@@ -480,7 +482,7 @@ def test_nwb_voltage_is_not_behaviour_and_behaviour_is_read_in_chunks(tmp_path, 
 
     _, vel = _nwb_with_voltage(tmp_path / "v.nwb")
     whole = run_ok([str(tmp_path / "v.nwb"), "--out", str(tmp_path / "a.zarr"), "--bin-size", "0.1", "--units", "all"])
-    assert sorted(k for k in whole["behavior"].keys()) == ["velocity"]  # raw and LFP are not binned
+    assert sorted(k for k in whole["behavior"].keys()) == ["velocity"]  # raw, LFP, intervals: not binned
     v = whole["behavior/velocity"][:]
     np.testing.assert_allclose(v[5], vel[50:60].mean(0), rtol=1e-5)
     monkeypatch.setattr(source_nwb, "BEHAVIOUR_CHUNK_VALUES", 14)  # 7 samples of 2 values per read
