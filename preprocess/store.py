@@ -101,10 +101,12 @@ class StoreLayout:
     shard_rows: int
 
     @classmethod
-    def for_counts(cls, n_rows: int, n_units: int, itemsize: int = 4,
+    def for_counts(cls, n_rows: int, n_units: int, itemsize: int = 2,
                    chunk_bytes: int = TARGET_CHUNK_BYTES,
                    chunks_per_shard: int = CHUNKS_PER_SHARD) -> "StoreLayout":
-        # itemsize 4 (the uint32 worst case) so the geometry does not depend on the dtype
+        # itemsize 2: sized for uint16, the dtype of nearly every store, so its chunks are
+        # >= 1 MiB as the schema says (sizing for uint32 gave uint16 stores 0.5 MiB chunks); the
+        # geometry is fixed before the dtype is known, so a uint32 store gets >= 2 MiB chunks
         row_bytes = max(1, n_units) * itemsize
         chunk_rows = max(1, min(n_rows, math.ceil(chunk_bytes / row_bytes)))
         n_chunks = math.ceil(n_rows / chunk_rows)

@@ -488,3 +488,13 @@ def test_nwb_voltage_is_not_behaviour_and_behaviour_is_read_in_chunks(tmp_path, 
     monkeypatch.setattr(source_nwb, "BEHAVIOUR_CHUNK_VALUES", 14)  # 7 samples of 2 values per read
     chunked = run_ok([str(tmp_path / "v.nwb"), "--out", str(tmp_path / "b.zarr"), "--bin-size", "0.1", "--units", "all"])
     np.testing.assert_allclose(chunked["behavior/velocity"][:], v, rtol=1e-6)
+
+
+def test_uint16_counts_chunks_are_at_least_one_mib(tmp_path):
+    counts = np.random.default_rng(0).poisson(0.5, size=(20000, 60)).astype(np.uint16)
+    np.savez(tmp_path / "b.npz", counts=counts, bin_size=0.01)
+    g = run_ok([str(tmp_path / "b.npz"), "--out", str(tmp_path / "b.zarr")])
+    arr = g["counts"]
+    assert arr.dtype == np.uint16 and arr.chunks[1] == 60
+    assert arr.chunks[0] * 60 * arr.dtype.itemsize >= 1 << 20  # whole rows, >= 1 MiB
+    np.testing.assert_array_equal(arr[:], counts)
