@@ -260,4 +260,8 @@ def _write_set(webdataset, image_set: ImageSet, publisher: ShardSetPublisher, sh
         "source": {"format": image_set.format, "path": image_set.path},
         "image_mode": image_set.image_mode,
         "created_by": CREATED_BY,
+        # the keys wids reads (wids.ShardListDataset("index.json")): the same shards, urls
+        # relative to this file
+        "wids_version": 1,
+        "shardlist": [{"url": shard["name"], "nsamples": shard["samples"]} for shard in shards],
     }

@@ -572,3 +572,15 @@ def test_killed_upload_leftovers_are_cleared_but_foreign_shards_kept(tmp_path, s
     assert run([src, "--out", f"{bucket}/theirs", "--storage-options", opts, "--overwrite"]) == 1
     assert "never replaced" in capsys.readouterr().err
     assert fs.cat(f"{bucket[5:]}/theirs/shard-000000.tar") == b"precious"
+
+
+def test_wids_reads_the_index(tmp_path):
+    wids = pytest.importorskip("wids")
+    parts = make_mnist(tmp_path / "src")
+    assert run([str(tmp_path / "src"), "--out", str(tmp_path / "a"), "--shard-size", "3"]) == 0
+    images, labels = parts["train"]
+    dataset = wids.ShardListDataset(str(tmp_path / "a" / "train" / "index.json"), transformations=[])
+    assert len(dataset) == len(images)
+    sample = dataset[len(images) - 1]  # the last sample of the last shard
+    assert int(sample[".cls"].read()) == labels[-1]
+    np.testing.assert_array_equal(decode(sample[".png"].read()), images[-1])
