@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from . import binning, sources
 from .errors import OneLineParser, UsageError, UserError, run_cli, setup_logging
-from .store import COUNTS_COMPRESSOR, StoreLayout, StoreWriter, count_dtype, join_url, open_array
+from .store import COUNTS_COMPRESSOR, StoreLayout, StoreWriter, count_dtype, join_url, open_array, quality_codes
 
 log = logging.getLogger("preprocess.bin_spikes")
 PROG = "python -m preprocess.bin_spikes"
@@ -333,7 +333,8 @@ def create_arrays(writer: StoreWriter, rec: sources.Recording, layout: StoreLayo
         writer.create_array(name, shape, arr_dtype, chunks=chunks, dimension_names=dims, attributes=attrs,
                             fill_value=np.nan if arr_dtype.kind == "f" and name != "bin_start_s" else 0)
     writer.write_array("units/id", np.asarray(rec.unit_ids, dtype=np.int64), ("unit",))
-    writer.write_array("units/quality", np.asarray(rec.unit_quality, dtype=str), ("unit",))
+    codes, categories = quality_codes(rec.unit_quality)
+    writer.write_array("units/quality", codes, ("unit",), {"categories": categories})
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import zarr
 from conftest import REPO, make_phy, shared_path
 from preprocess import bin_spikes
 from preprocess.errors import run_cli
-from preprocess.store import SCHEMA, open_recording
+from preprocess.store import SCHEMA, open_recording, unit_quality
 
 
 def run(args: list[str]) -> int:
@@ -50,7 +50,7 @@ def test_real_phy_good_units_50ms_equal_per_unit_histogram(tmp_path):
     times = np.load(phy / "spike_times.npy").reshape(-1)
     clusters = np.load(phy / "spike_clusters.npy")
     ids = g["units/id"][:]
-    assert len(ids) == 140 and set(g["units/quality"][:]) == {"good"}
+    assert len(ids) == 140 and set(unit_quality(g)) == {"good"}
     counts = g["counts"][:]
     ref = histogram(times, clusters, ids, counts.shape[0], 1500)
     np.testing.assert_array_equal(counts, ref)
@@ -80,7 +80,7 @@ def test_units_selection_and_labels_merge(tmp_path):
         g = run_ok([str(tmp_path / "phy"), "--out", str(tmp_path / f"{units}.zarr"), "--units", units])
         sizes[units] = g["units/id"][:].tolist()
         if units == "good":  # curated cluster_group.tsv wins over KSLabel
-            assert g["units/quality"][:].tolist() == ["good"] * 3
+            assert unit_quality(g) == ["good"] * 3
     assert sizes == {"good": [0, 3, 5], "mua": [0, 1, 3, 4, 5], "all": [0, 1, 2, 3, 4, 5]}
 
 
@@ -165,7 +165,7 @@ def test_nwb_written_by_pynwb_is_binned(tmp_path):
         io.write(nwb)
     g = run_ok([str(path), "--out", str(tmp_path / "n.zarr"), "--bin-size", "0.1", "--units", "good"])
     counts = g["counts"][:]
-    assert counts.shape[1] == 2 and g["units/quality"][:].tolist() == ["good", "good"]
+    assert counts.shape[1] == 2 and unit_quality(g) == ["good", "good"]
     assert counts.dtype == np.uint16  # unknown bound: uint16 first, uint32 only on overflow
     edges = g["bin_start_s"][:]
     for col, t in enumerate([unit_times[0], unit_times[2]]):
@@ -498,3 +498,21 @@ def test_uint16_counts_chunks_are_at_least_one_mib(tmp_path):
     assert arr.dtype == np.uint16 and arr.chunks[1] == 60
     assert arr.chunks[0] * 60 * arr.dtype.itemsize >= 1 << 20  # whole rows, >= 1 MiB
     np.testing.assert_array_equal(arr[:], counts)
+
+
+def test_tensorstore_opens_the_store(tmp_path):
+    """Every array, units/quality too, is plain Zarr v3 that tensorstore's zarr3 driver reads."""
+    ts = pytest.importorskip("tensorstore")
+    times, clusters = make_phy(tmp_path / "phy", n_units=4)
+    out = tmp_path / "s.zarr"
+    g = run_ok([str(tmp_path / "phy"), "--out", str(out), "--bin-size", "0.01", "--units", "all"])
+
+    def read(name):
+        spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(out / name)}}
+        return ts.open(spec, read=True).result().read().result()
+
+    np.testing.assert_array_equal(read("counts"), g["counts"][:])
+    np.testing.assert_array_equal(read("bin_start_s"), g["bin_start_s"][:])
+    codes = read("units/quality")
+    categories = g["units/quality"].attrs["categories"]
+    assert [categories[c] for c in codes] == unit_quality(g) == ["mua", "good", "good", "mua"]
