@@ -22,7 +22,8 @@ from . import __version__
 from .errors import UserError
 from .images_common import ImageSet
 from .shard_format import INDEX, SCHEMA, SPLITS
-from .store import PARTIAL_MARKER, _pid_alive, filesystem, is_local, join_url
+from .store import (PARTIAL_MARKER, AbortOnError, _pid_alive, check_local_parent, filesystem, is_local, join_url,
+                    move_into_place)
 
 # log records keep the logger name they had before the split
 log = logging.getLogger("preprocess.shard_images")
@@ -55,7 +56,7 @@ def _classify(fs, path: str) -> str:
     return "partial" if PARTIAL_MARKER in files else "foreign"
 
 
-class ShardSetPublisher:
+class ShardSetPublisher(AbortOnError):
     """Where shards are written, and how the finished output is published.
 
     Local output: shards go into a hidden staging folder next to URL_PREFIX, renamed into
@@ -85,11 +86,7 @@ class ShardSetPublisher:
 
     def _check_destination(self) -> str:
         if self.local:
-            parent = os.path.dirname(self.path)
-            if not os.path.isdir(parent):
-                raise UserError(f"--out {self.url}: parent directory {parent} does not exist; create it first")
-            if not os.access(parent, os.W_OK):
-                raise UserError(f"--out {self.url}: parent directory {parent} is not writable")
+            check_local_parent(self.url, self.path)
         try:
             existing = _classify(self.fs, self.path)
         except Exception as err:  # network, credentials, missing bucket
@@ -180,13 +177,7 @@ class ShardSetPublisher:
             if now == "foreign" or (now == "shards" and not self.overwrite):
                 raise UserError(f"--out {self.url}: something was written there while sharding; "
                                 "check it, then run again (with --overwrite to replace a shard set)")
-            trash = os.path.join(os.path.dirname(self.path),
-                                 f".{os.path.basename(self.path)}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-            os.rename(self.path, trash)
-            os.rename(self.root, self.path)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(self.root, self.path)
+        move_into_place(self.root, self.path)
 
     def abort(self) -> None:
         if self._committed:
@@ -199,12 +190,6 @@ class ShardSetPublisher:
             except Exception as err:  # never mask the original error
                 log.warning("could not clean up %s: %s", self.url, err)
 
-    def __enter__(self) -> "ShardSetPublisher":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.abort()
 
 
 def write_shards(image_sets: list[ImageSet], out: str, storage_options: dict | None, shard_size: int,

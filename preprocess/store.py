@@ -166,7 +166,45 @@ def _looks_like_store(fs, path: str) -> bool:
     return meta.get("node_type") == "group" and meta.get("attributes", {}).get("schema", "").startswith("myow.recording/")
 
 
-class StoreWriter:
+def check_local_parent(url: str, path: str) -> None:
+    """UserError naming ``--out`` when the local output's parent is missing or not writable."""
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        raise UserError(f"--out {url}: parent directory {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"--out {url}: parent directory {parent} is not writable")
+
+
+def move_into_place(staging: str, path: str) -> None:
+    """Publish the local folder ``staging`` as ``path``: a rename, and when ``path`` exists
+    (checked by the caller) it is first renamed aside and removed after, so ``path`` is
+    never missing a complete output for longer than two renames."""
+    if os.path.exists(path):
+        name = f".{os.path.basename(path)}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        trash = os.path.join(os.path.dirname(path), name)
+        os.rename(path, trash)
+        os.rename(staging, path)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(staging, path)
+
+
+class AbortOnError:
+    """A writer used as ``with Writer(...) as w: ...; w.commit(...)``: leaving the block by an
+    exception calls :meth:`abort`, which removes everything written so far."""
+
+    def abort(self) -> None:  # pragma: no cover - every writer defines it
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+class StoreWriter(AbortOnError):
     """Writes one recording store and publishes it atomically.
 
     Usage::
@@ -207,11 +245,7 @@ class StoreWriter:
     # -- destination checks
     def _check_destination(self) -> None:
         if self.local:
-            parent = os.path.dirname(self.path)
-            if not os.path.isdir(parent):
-                raise UserError(f"--out {self.url}: parent directory {parent} does not exist; create it first")
-            if not os.access(parent, os.W_OK):
-                raise UserError(f"--out {self.url}: parent directory {parent} is not writable")
+            check_local_parent(self.url, self.path)
         try:
             exists = self.fs.exists(self.path)
         except Exception as err:  # network, credentials, missing bucket
@@ -295,12 +329,7 @@ class StoreWriter:
         if os.path.exists(self.path):
             if not self.overwrite and not (os.path.isdir(self.path) and not os.listdir(self.path)):
                 raise UserError(f"--out {self.url}: appeared while writing; pass --overwrite or choose another --out")
-            trash = f"{os.path.dirname(self.path)}/.{os.path.basename(self.path)}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            os.rename(self.path, trash)
-            os.rename(self.staging_url, self.path)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(self.staging_url, self.path)
+        move_into_place(self.staging_url, self.path)
 
     def abort(self) -> None:
         if self._committed:
@@ -313,12 +342,6 @@ class StoreWriter:
         except Exception as err:  # never mask the original error
             log.warning("could not clean up %s: %s", self.staging_url, err)
 
-    def __enter__(self) -> "StoreWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.abort()
 
 
 def open_array(url: str, storage_options: dict | None = None, mode: str = "r+") -> zarr.Array:
