@@ -21,7 +21,7 @@ from typing import Protocol
 
 from torch import nn
 
-METHOD_NAMES = ("myow", "byol", "supervised")
+METHOD_NAMES = ("myow", "byol", "simclr", "supervised")
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,8 @@ def data_needs(name: str, mining_weight: float = 0.0, pool: str = "independent",
     MYOW (``mining_weight`` lambda > 0) mines among an independent pool (``pool``
     "independent"; "batch" mines among the batch's own view 1, the authors' code) with a
     separate mining view (``mining_view`` "separate"; "anchor" reuses view 1). BYOL is
-    MYOW with lambda = 0: augmented pairs only. The supervised MLP trains on labels.
+    MYOW with lambda = 0, and SimCLR contrasts the two views against the batch: augmented
+    pairs only. The supervised MLP trains on labels.
     """
     if name not in METHOD_NAMES:
         raise ValueError(f"unknown method {name!r}; one of {', '.join(METHOD_NAMES)}")

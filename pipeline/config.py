@@ -136,7 +136,7 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "myow"  # myow | byol (same code, mining weight forced to 0) | supervised
+    name: str = "myow"  # myow | byol (same code, mining weight forced to 0) | simclr | supervised
     k: int = 5  # mined view drawn uniformly among the k nearest candidates
     pool_size: int = 1024  # L, candidates per step (per rank)
     mining_weight: float = 1.0  # lambda
@@ -162,6 +162,8 @@ class MethodConfig:
     # DIAGNOSTIC ONLY, never a method: mine only among candidates with the anchor's label
     # (labels are otherwise never used for training). benchmarks/mining_diagnosis.py.
     oracle: bool = False
+    # SimCLR: temperature of the NT-Xent loss (model/simclr.py).
+    temperature: float = 0.1
 
 
 @dataclass
@@ -265,7 +267,7 @@ class Config:
     @property
     def effective_mining_weight(self) -> float:
         """lambda actually used: ``method.mining_weight``, or 0 for BYOL (same code path)."""
-        return 0.0 if self.method.name == "byol" else float(self.method.mining_weight)
+        return float(self.method.mining_weight) if self.method.name == "myow" else 0.0
 
     def validate(self) -> "Config":
         """Cross-field checks; raises ConfigError naming the key."""
@@ -316,6 +318,7 @@ class Config:
         need(1 <= me.k <= MAX_SAMPLES, "method.k", f"must be 1..{MAX_SAMPLES}")
         need(1 <= me.pool_size <= MAX_SAMPLES, "method.pool_size", f"must be 1..{MAX_SAMPLES}")
         need(me.mining_weight >= 0, "method.mining_weight", "must be >= 0")
+        need(0 < me.temperature <= 100, "method.temperature", "must be in (0, 100]")
         need(me.mining_warmup_epochs >= 0, "method.mining_warmup_epochs", "must be >= 0")
         need(me.mining_ramp_epochs >= 0, "method.mining_ramp_epochs", "must be >= 0")
         need(me.mining_view in MINING_VIEWS, "method.mining_view", f"must be one of {', '.join(MINING_VIEWS)}")

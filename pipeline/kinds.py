@@ -23,6 +23,7 @@ from .data.images import build_image_train_data
 from .data.interface import TrainData
 from .data.neural import build_neural_train_data
 from .data.recording import Recording
+from .methods import build_method
 from .readout.images import evaluate_image_data, evaluate_image_run
 from .readout.neural import evaluate_neural_run, evaluate_sessions
 from .readout.runs import export_target, load_run
@@ -111,6 +112,7 @@ def evaluate_run(run_dir: str | os.PathLike, data: str | None = None, export: st
     if plots and dir_write_error(run_dir) is not None:
         raise UserError(f"--run {run_dir}: the run directory is not writable, so the plots cannot be saved; "
                         "pass --no-plots")
+    build = build_method(cfg).build_model  # the run's method rebuilds its model from the checkpoint's config
     if ckpt.get("data_kind") == "images":
-        return evaluate_image_run(run_dir, cfg, ckpt, data=data, export=export, plots=plots)
-    return evaluate_neural_run(run_dir, cfg, ckpt, data=data, export=export, plots=plots)
+        return evaluate_image_run(run_dir, cfg, ckpt, data=data, export=export, plots=plots, build=build)
+    return evaluate_neural_run(run_dir, cfg, ckpt, data=data, export=export, plots=plots, build=build)

@@ -3,6 +3,7 @@ needs of ``cfg.method.name``: the data it needs (:class:`model.methods.DataNeeds
 build its model, and its step.
 
     myow, byol   model.myow.MYOW (BYOL = lambda 0), pipeline.step.train_step
+    simclr       model.simclr.SimCLR, pipeline.step.contrastive_step
     supervised   the supervised MLP baseline (pipeline.supervised; its own fit for now)
 
 Adding a method: its pure module under ``model/``, its declaration in
@@ -18,10 +19,11 @@ from dataclasses import dataclass
 from torch import nn
 
 from model.methods import DataNeeds, data_needs
+from model.simclr import SimCLR
 
-from .build import build_model
+from .build import build_encoder_for, build_model
 from .config import Config
-from .step import train_step
+from .step import contrastive_step, train_step
 
 
 @dataclass(frozen=True)
@@ -38,4 +40,15 @@ def build_method(cfg: Config) -> MethodSpec:
     """The method of ``cfg.method`` (validated by the config: the name is known)."""
     m = cfg.method
     needs = data_needs(m.name, cfg.effective_mining_weight, m.pool, m.mining_view)
+    if m.name == "simclr":
+        return MethodSpec(m.name, needs, build_simclr, contrastive_step)
     return MethodSpec(m.name, needs, build_model, train_step)
+
+
+def build_simclr(cfg: Config, in_dim: int | list[int]) -> SimCLR:
+    """SimCLR over :func:`pipeline.build.build_encoder_for`; projector g = MLP(D, hidden, Z) with
+    ``model.projector`` [hidden, Z], or [model.predictor_hidden, model.out_dim] when null
+    (the neural configs have no projector: SimCLR needs one)."""
+    mc = cfg.model
+    dims = tuple(mc.projector) if mc.projector else (mc.predictor_hidden, mc.out_dim)
+    return SimCLR(build_encoder_for(cfg, in_dim), dims, cfg.method.temperature)

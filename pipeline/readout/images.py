@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +12,6 @@ import torch
 
 from model import mine_views
 
-from ..build import build_model
 from ..data.image_shards import ShardSet
 from ..data.image_views import ImageNormalization
 from ..data.images import Selection, load_selection, resolve_selections
@@ -85,7 +84,9 @@ def evaluate_images(model, cfg, normalization: ImageNormalization, train_images:
         g = torch.Generator().manual_seed(cfg.run.seed)
         anchors = torch.randperm(len(eval_labels), generator=g)[:cfg.eval.mining_anchors]
         pool = torch.randperm(len(train_labels), generator=g)[:cfg.method.pool_size]
-        pool_y = embed_images(model.target["encoder"], train_images[pool], normalization, device)
+        target = getattr(model, "target", None)  # MYOW/BYOL: the target network; SimCLR has none
+        pool_encoder = target["encoder"] if target is not None else model.encoder
+        pool_y = embed_images(pool_encoder, train_images[pool], normalization, device)
         picked = mine_views(eval_f[anchors], pool_y, cfg.method.k, g)  # (A,) into the pool, never -1 here
         mined = pool[picked]
         a_labels, m_labels = eval_labels[anchors], train_labels[mined]
@@ -110,8 +111,8 @@ def evaluate_image_data(data, model, cfg, *, device, run_dir=None, plots: bool =
 
 
 def evaluate_image_run(run_dir, cfg, ckpt: dict, data: str | None = None, export: str | None = None,
-                       plots: bool = True) -> dict:
-    """``python -m pipeline.evaluate --run RUN_DIR`` for a run on image shards: rebuild the
+                       plots: bool = True, *, build: Callable) -> dict:
+    """``python -m pipeline.evaluate --run RUN_DIR`` (``build``: the method's model builder) for a run on image shards: rebuild the
     model from the checkpoint (the image channels and normalisation constants are stored
     in it), load the run's training and eval selections (``data`` replaces data.path) and
     evaluate with :func:`evaluate_images`. ``export`` writes ``embedding`` (n, D) float32 of
@@ -126,7 +127,7 @@ def evaluate_image_run(run_dir, cfg, ckpt: dict, data: str | None = None, export
     size = int(state.get("image_size") or cfg.images.image_size or _native_size(train_sel, d))
     train_x, train_y, _ = load_selection(train_sel, size, d.storage_options, d.read_threads, d.read_retries)
     eval_x, eval_y, samples = load_selection(eval_sel, size, d.storage_options, d.read_threads, d.read_retries)
-    model = build_model(cfg, norm.channels)
+    model = build(cfg, norm.channels)
     model.load_state_dict(ckpt["model"])
     use_cuda = cfg.run.device != "cpu" and torch.cuda.is_available()
     device = torch.device("cuda" if use_cuda else "cpu")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,6 @@ import torch
 from model.encoders import set_session
 from preprocess.errors import UserError
 
-from ..build import build_model
 from ..checkpoint import CHECKPOINT_NAME, EVALUATE_FIX, check_normalization, checkpoint_error, state_dict_problem
 from ..config import Config
 from ..data.augment import Normalization, normalizations_from
@@ -144,8 +144,8 @@ def evaluate_sessions(model, sessions, cfg: Config, *, device="cpu", run_dir=Non
 
 
 def evaluate_neural_run(run_dir: str | os.PathLike, cfg: Config, ckpt: dict, data: str | None = None,
-                        export: str | None = None, plots: bool = True) -> dict:
-    """``python -m pipeline.evaluate --run RUN_DIR`` for a run on recording stores: rebuild
+                        export: str | None = None, plots: bool = True, *, build: Callable) -> dict:
+    """``python -m pipeline.evaluate --run RUN_DIR`` (``build``: the method's model builder) for a run on recording stores: rebuild
     the model from the checkpoint (its normalisation is stored in it), embed every chosen
     session (``data``: one store of the run, or a store to evaluate on) and read it out by
     :func:`evaluate_session`. ``export`` (checked beforehand by
@@ -172,7 +172,7 @@ def evaluate_neural_run(run_dir: str | os.PathLike, cfg: Config, ckpt: dict, dat
                         "pass the store to evaluate with --data")
     if export and len(chosen) > 1:
         raise UserError("--export-embeddings needs one session: pass it with --data STORE_URL")
-    model = build_model(cfg, n_units if len(norms) > 1 else n_units[0])
+    model = build(cfg, n_units if len(norms) > 1 else n_units[0])
     try:
         model.load_state_dict(ckpt["model"])
     except Exception as err:  # weights of another model than its config describes

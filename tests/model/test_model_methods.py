@@ -21,6 +21,10 @@ def test_supervised_trains_on_labels():
     assert needs.labels and not needs.self_supervised and not needs.augmented_pairs
 
 
+def test_simclr_needs_pairs_only():
+    assert data_needs("simclr", 1.0) == DataNeeds()  # contrasts the two views; mines nothing
+
+
 def test_unknown_method_is_refused():
-    with pytest.raises(ValueError, match="simclr"):
-        data_needs("simclr")
+    with pytest.raises(ValueError, match="vicreg"):
+        data_needs("vicreg")
