@@ -52,9 +52,11 @@ def neural_stepper(store: str, method: str, mining_view: str, seed: int = 0):
     state = {"step": plan.mining_ramp_steps + 1}
 
     def step() -> None:
-        anchors = next(data.sessions[0].anchors)
-        pool = next(data.sessions[0].pool) if cfg.effective_mining_weight > 0 else None
-        train_step(model, opt, anchors, pool, state["step"], cfg, gen, plan=plan)
+        session = data.sessions[0]
+        anchors = next(session.anchors)
+        pool = next(session.pool) if cfg.effective_mining_weight > 0 else None
+        # as the trainer runs it: the shipped config's mining by temporal context included
+        train_step(model, opt, anchors, pool, state["step"], cfg, gen, plan=plan, context=session.mining_context)
         state["step"] += 1
     return step
 
@@ -118,6 +120,7 @@ def main() -> None:
                            "byol": neural_stepper(store, "byol", "separate")}, args.steps, args.warmup)
     result["neural_ms"] = {k: round(v * 1000, 3) for k, v in med.items()}
     result["neural_myow_over_byol"] = round(med["myow_separate"] / med["byol"], 3)
+    result["reach_config_myow_over_byol"] = result["neural_myow_over_byol"]  # configs/reach_{myow,byol}.yaml as shipped
     result["neural_myow_anchor_view_over_byol"] = round(med["myow_anchor"] / med["byol"], 3)
     med = interleaved({"myow": image_stepper("myow"), "byol": image_stepper("byol")}, max(20, args.steps // 5),
                       max(3, args.warmup // 5), block=5)
