@@ -13,7 +13,7 @@ from ..runtime import limit_intra_op_threads
 from .image_shards import Item, ShardSet, _SizeMismatch, load_image_tensors
 from .image_views import FIT_SAMPLES, TRANSFORM_SETS, ImageAugment, ImageNormalization
 from .sampling import MemoryAnchorSampler, MemoryPoolSampler
-from .stages import Prefetcher, derive_seed, epoch_order, ordered_map, shard_for_rank
+from .stages import EpochReads, Prefetcher, derive_seed, epoch_order, shard_for_rank
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class ImagePoolSampler(MemoryPoolSampler):
 # --------------------------------------------------------------------------- streamed
 
 
-class _ShardStream:
+class _ShardStream(EpochReads):
     """Epochs of shuffled shards -> ordered reads (threads) -> shuffle buffer of decoded images.
 
     State: (epoch, shards consumed this epoch, generator, the sample indices in the buffer,
@@ -97,6 +97,7 @@ class _ShardStream:
 
     def __init__(self, shard_set: ShardSet, *, seed: int, order_seed: int, rank: int, world_size: int,
                  shard_by_rank: bool, buffer_size: int, read_threads: int, read_ahead: int, name: str):
+        super().__init__()
         self.set, self.name = shard_set, name
         self.order_seed, self.rank, self.world_size, self.shard_by_rank = order_seed, rank, world_size, shard_by_rank
         if shard_by_rank and len(shard_set.shards) < world_size:
@@ -109,8 +110,6 @@ class _ShardStream:
         self.read_threads, self.read_ahead = int(read_threads), int(read_ahead)
         self.generator = torch.Generator().manual_seed(seed)
         self.buffer: list[Item] = []
-        self.epoch, self.cursor = 0, 0
-        self._reads = None
 
     def epoch_shards(self, epoch: int) -> list[int]:
         """Shard indices (into ``set.names``) this stream reads in ``epoch``, in order."""
@@ -119,25 +118,20 @@ class _ShardStream:
             order = shard_for_rank(order, self.rank, self.world_size)
         return [self.set.shards[int(i)] for i in order]
 
-    def _schedule(self, epoch: int, cursor: int):
-        while True:
-            shards = self.epoch_shards(epoch)
-            for i in range(cursor, len(shards)):
-                yield epoch, i, shards[i], len(shards)
-            epoch, cursor = epoch + 1, 0
+    def epoch_pieces(self, epoch: int) -> list[int]:
+        return self.epoch_shards(epoch)
 
-    def _load(self, item):
-        epoch, i, k, n = item
-        return epoch, i, n, self.set.read(k)
+    def read_piece(self, epoch: int, shard) -> list[Item]:
+        return self.set.read(shard)
+
+    def _add(self, items: list[Item]) -> None:
+        self.buffer.extend(items)
+
+    def _buffered(self) -> int:
+        return len(self.buffer)
 
     def _fill(self, need: int) -> None:
-        if self._reads is None:
-            self._reads = ordered_map(self._load, self._schedule(self.epoch, self.cursor), self.read_threads,
-                                      self.read_ahead)
-        while len(self.buffer) < max(need, self.buffer_size):
-            epoch, i, n, items = next(self._reads)
-            self.buffer.extend(items)
-            self.epoch, self.cursor = (epoch + 1, 0) if i + 1 >= n else (epoch, i + 1)
+        self._fill_to(max(need, self.buffer_size))
 
     def _take(self, n: int) -> list[Item]:
         """Remove n items drawn uniformly without replacement (the rest keep their order)."""
@@ -158,11 +152,6 @@ class _ShardStream:
             images = torch.stack(images)
         return images, _meta(samples, labels)
 
-    def _stop_reads(self) -> None:
-        if self._reads is not None:
-            self._reads.close()
-            self._reads = None
-
     def state_dict(self) -> dict:
         return {"kind": "images-stream", "generator": self.generator.get_state(), "epoch": self.epoch,
                 "cursor": self.cursor, "n_samples": self.set.n_samples, "n_shards": len(self.set.shards),
@@ -174,20 +163,12 @@ class _ShardStream:
             raise UserError(f"{self.set.url}: the checkpoint's {self.name} stream state ({state.get('kind')}, "
                             f"{state.get('n_samples')} samples) does not match the data (images-stream, "
                             f"{self.set.n_samples}); resume with the same shards and settings")
-        self._stop_reads()
+        self._set_position(state)
         self.generator.set_state(state["generator"])
-        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
         self.order_seed = int(state.get("order_seed", self.order_seed))
         ids = state["buffer"].tolist()
         found = self.set.read_samples(ids, self.read_threads) if ids else {}
         self.buffer = [found[i] for i in ids]
-
-    def close(self) -> None:
-        self._stop_reads()
-
-    def __iter__(self):
-        return self
-
 
 class ShardAnchorStream(_ShardStream):
     """Anchor batches streamed from shards: ``next()`` -> (x1, x2, x_m | None, meta).

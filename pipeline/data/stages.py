@@ -27,7 +27,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["derive_seed", "epoch_order", "shard_for_rank", "EpochCursor", "ordered_map", "retry", "ShuffleBuffer", "Prefetcher"]
+__all__ = ["derive_seed", "epoch_order", "shard_for_rank", "EpochCursor", "ordered_map", "retry", "ShuffleBuffer", "Prefetcher",
+           "EpochReads"]
 
 
 def derive_seed(seed: int, *stream: int) -> int:
@@ -309,3 +310,70 @@ class Prefetcher:
         if name == "source":
             raise AttributeError(name)
         return getattr(self.source, name)
+
+
+class EpochReads:
+    """The skeleton both streamed data kinds share: epochs of pieces (blocks of a store,
+    shards of an image set) in this rank's order -> ordered reads on threads -> a buffer.
+
+    A subclass gives ``epoch_pieces(epoch)`` (the pieces it reads in ``epoch``, in order),
+    ``read_piece(epoch, piece)`` (one piece's payload), ``_add(payload)`` and
+    ``_buffered()`` (its buffer), and sets ``read_threads`` / ``read_ahead``. The position
+    (``epoch``, ``cursor`` = pieces consumed this epoch) is what a state needs to resume:
+    reads restart at the cursor.
+    """
+
+    read_threads: int = 1
+    read_ahead: int = 1
+
+    def __init__(self) -> None:
+        self.epoch, self.cursor = 0, 0
+        self._reads = None
+
+    def epoch_pieces(self, epoch: int):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def read_piece(self, epoch: int, piece):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _add(self, payload) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _buffered(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _schedule(self, epoch: int, cursor: int):
+        while True:
+            pieces = self.epoch_pieces(epoch)
+            for i in range(cursor, len(pieces)):
+                yield epoch, i, pieces[i], len(pieces)
+            epoch, cursor = epoch + 1, 0
+
+    def _load(self, item):
+        epoch, i, piece, n = item
+        return epoch, i, n, self.read_piece(epoch, piece)
+
+    def _fill_to(self, rows: int) -> None:
+        """Read pieces until the buffer holds ``rows``."""
+        if self._reads is None:
+            self._reads = ordered_map(self._load, self._schedule(self.epoch, self.cursor), self.read_threads,
+                                      self.read_ahead)
+        while self._buffered() < rows:
+            epoch, i, n, payload = next(self._reads)
+            self._add(payload)
+            self.epoch, self.cursor = (epoch + 1, 0) if i + 1 >= n else (epoch, i + 1)
+
+    def _stop_reads(self) -> None:
+        if self._reads is not None:
+            self._reads.close()
+            self._reads = None
+
+    def _set_position(self, state: dict) -> None:
+        self._stop_reads()
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+
+    def close(self) -> None:
+        self._stop_reads()
+
+    def __iter__(self):
+        return self

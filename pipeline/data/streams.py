@@ -35,7 +35,7 @@ from preprocess.errors import UserError
 
 from .jitter import draw_positives, jitter_table
 from .recording import Recording, packed_counts
-from .stages import ShuffleBuffer, derive_seed, epoch_order, ordered_map, shard_for_rank
+from .stages import EpochReads, ShuffleBuffer, derive_seed, epoch_order, ordered_map, shard_for_rank
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def default_block_rows(rec: Recording, requested: int = 0) -> int:
     return max(1, math.ceil(want / chunk)) * chunk
 
 
-class _BlockStream:
+class _BlockStream(EpochReads):
     """Epochs of shuffled blocks -> ordered reads -> shuffle buffer (shared by both streams)."""
 
     halo = 0
@@ -94,7 +94,9 @@ class _BlockStream:
                  order_seed: int, rank: int, world_size: int, shard: bool, name: str):
         if rec.reader is None:
             raise ValueError("block streams read through the recording's CountsReader")
+        super().__init__()
         self.rec, self.is_sample, self.settings, self.name = rec, is_sample, settings, name
+        self.read_threads, self.read_ahead = settings.read_threads, settings.read_ahead
         self.seed, self.order_seed, self.rank, self.world_size, self.shard = seed, order_seed, rank, world_size, shard
         B = settings.block_rows
         starts = np.arange(0, rec.n_rows, B)
@@ -112,8 +114,6 @@ class _BlockStream:
         # exactly what _fill can hold: a full buffer plus one block (no geometric over-allocation)
         self.buffer = ShuffleBuffer(settings.buffer_rows + settings.block_rows)
         release_freed_blocks()
-        self.epoch, self.cursor = 0, 0
-        self._reads = None
 
     # -- block order
     def epoch_blocks(self, epoch: int) -> np.ndarray:
@@ -121,34 +121,24 @@ class _BlockStream:
         order = epoch_order(len(self.blocks), self.order_seed, epoch)
         return np.asarray(shard_for_rank(order, self.rank, self.world_size)) if self.shard else order
 
-    def _schedule(self, epoch: int, cursor: int):
-        while True:
-            ids = self.epoch_blocks(epoch)
-            for i in range(cursor, len(ids)):
-                yield epoch, i, int(ids[i]), len(ids)
-            epoch, cursor = epoch + 1, 0
+    def epoch_pieces(self, epoch: int) -> list[int]:
+        return [int(b) for b in self.epoch_blocks(epoch)]
 
-    def _load(self, item) -> tuple[int, int, int, dict[str, torch.Tensor]]:
-        epoch, i, block, n = item
-        return epoch, i, n, self.read_block(epoch, block)
+    def read_piece(self, epoch: int, block: int) -> dict[str, torch.Tensor]:
+        return self.read_block(epoch, block)
+
+    def _add(self, rows: dict[str, torch.Tensor]) -> None:
+        self.buffer.add(rows)
+
+    def _buffered(self) -> int:
+        return len(self.buffer)
 
     def read_block(self, epoch: int, block: int) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def _fill(self, need: int) -> None:
         """Add blocks until the buffer holds max(need, buffer_rows) rows."""
-        if self._reads is None:
-            self._reads = ordered_map(self._load, self._schedule(self.epoch, self.cursor),
-                                      self.settings.read_threads, self.settings.read_ahead)
-        while len(self.buffer) < max(need, self.settings.buffer_rows):
-            epoch, i, n, rows = next(self._reads)
-            self.buffer.add(rows)
-            self.epoch, self.cursor = (epoch + 1, 0) if i + 1 >= n else (epoch, i + 1)
-
-    def _stop_reads(self) -> None:
-        if self._reads is not None:
-            self._reads.close()
-            self._reads = None
+        self._fill_to(max(need, self.settings.buffer_rows))
 
     # -- state
     def _buffer_state(self) -> dict:
@@ -164,21 +154,13 @@ class _BlockStream:
                 or state["n_samples"] != self.n_samples:
             raise UserError(f"{self.rec.url}: the checkpoint's {self.name} stream state does not match the data "
                             f"(blocks/samples differ); resume with the same store and data.* settings")
-        self._stop_reads()
+        self._set_position(state)
         self.generator.set_state(state["generator"])
-        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
         self.buffer.clear()
         self._restore_buffer(state)
 
     def _restore_buffer(self, state: dict) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
-
-    def close(self) -> None:
-        self._stop_reads()
-
-    def __iter__(self):
-        return self
-
 
 class BlockAnchorStream(_BlockStream):
     """Anchor batches from a streamed store: ``next()`` -> (x1, x2, x_m | None, meta), (B, N) each.
