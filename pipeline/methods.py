@@ -42,7 +42,29 @@ def build_method(cfg: Config) -> MethodSpec:
     needs = data_needs(m.name, cfg.effective_mining_weight, m.pool, m.mining_view)
     if m.name == "simclr":
         return MethodSpec(m.name, needs, build_simclr, contrastive_step)
+    if m.name == "supervised":  # fitted by pipeline.supervised; the spec rebuilds its saved encoder
+        return MethodSpec(m.name, needs, build_supervised, _no_step)
     return MethodSpec(m.name, needs, build_model, train_step)
+
+
+class SupervisedEncoder(nn.Module):
+    """What a supervised run's checkpoint holds: the trained encoder f (the read-out head is
+    the baseline's own and is not kept)."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, x):
+        return self.encoder(x)
+
+
+def build_supervised(cfg: Config, in_dim: int | list[int]) -> SupervisedEncoder:
+    return SupervisedEncoder(build_encoder_for(cfg, in_dim))
+
+
+def _no_step(*args, **kwargs) -> dict:
+    raise RuntimeError("the supervised baseline is fitted by pipeline.supervised.train_supervised, not the loop")
 
 
 def build_simclr(cfg: Config, in_dim: int | list[int]) -> SimCLR:

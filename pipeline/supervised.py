@@ -28,10 +28,10 @@ from torch import nn
 
 from model import build_encoder
 
-from .checkpoint import atomic_write_text
+from .checkpoint import CHECKPOINT_NAME, atomic_write_text, save_checkpoint
 from .cli import to_json
-from .config import Config, dump_config
-from .data.augment import Normalization
+from .config import Config, config_to_dict, dump_config
+from .data.augment import Normalization, normalization_state
 from .data.recording import Recording, load_recording, split_rows
 from .readout.neural import reach_task_rows
 from .readout.probes import angle_accuracy
@@ -49,7 +49,7 @@ def _classification_rows(rec: Recording, label: str, split) -> dict[str, np.ndar
 
 
 def fit_supervised(cfg: Config, rec: Recording, rows: dict[str, np.ndarray],
-                   on_epoch=None, label: str | None = None) -> dict:
+                   on_epoch=None, label: str | None = None, trained: dict | None = None) -> dict:
     """Train the supervised MLP on ``rows["train"]``; returns the test metrics of the best-val epoch.
 
     ``label`` None: the reach task (MSE on (cos, sin) of the target angle) -> {reach_acc,
@@ -57,6 +57,7 @@ def fit_supervised(cfg: Config, rec: Recording, rows: dict[str, np.ndarray],
     reach_*_bins}. A label name: classification (class-balanced cross-entropy, epoch chosen
     by validation weighted F1) -> {<label>_accuracy, <label>_macro_f1, <label>_weighted_f1,
     <label>_val_*, <label>_best_epoch} and the bare accuracy / macro_f1 / weighted_f1.
+    ``trained`` (a dict): receives the best-val ``encoder`` and the ``normalization``.
     """
     from sklearn.metrics import f1_score
 
@@ -122,6 +123,8 @@ def fit_supervised(cfg: Config, rec: Recording, rows: dict[str, np.ndarray],
             on_epoch(epoch, loss.item(), val)
     val, epoch, state = best
     net.load_state_dict(state)
+    if trained is not None:
+        trained.update(encoder=net[0], normalization=norm, epoch=epoch)
     if label:
         (wf1, acc, f1), (vwf1, vacc, vf1) = scores(xte, ate), val
         out = {"accuracy": acc, "macro_f1": f1, "weighted_f1": wf1, "val_accuracy": vacc, "val_macro_f1": vf1,
@@ -162,6 +165,14 @@ def train_supervised(cfg: Config) -> tuple[Path, dict]:
             if epoch % cfg.train.log_every == 0 or epoch == cfg.train.epochs:
                 keys = ("val_weighted_f1", "val_acc", "val_macro_f1") if label else ("val_acc", "val_delta_acc")
                 f.write(to_json({"epoch": epoch, "loss": loss, **dict(zip(keys, val))}) + "\n")
-        results = fit_supervised(cfg, rec, rows, on_epoch, label)
+        trained: dict = {}
+        results = fit_supervised(cfg, rec, rows, on_epoch, label, trained)
+    # a checkpoint like the trainer's, so pipeline.evaluate and --export-embeddings read this
+    # run as any other: the encoder's weights under "encoder." (build_supervised rebuilds it)
+    save_checkpoint(run_dir / CHECKPOINT_NAME, {
+        "model": {f"encoder.{k}": v for k, v in trained["encoder"].state_dict().items()}, "optimizer": {},
+        "step": int(trained["epoch"]), "epoch": int(trained["epoch"]), "config": config_to_dict(cfg),
+        "normalization": normalization_state([trained["normalization"]]), "data_kind": "neural", "data": {},
+        "rng": {}, "world_size": 1})
     atomic_write_text(run_dir / "eval.json", to_json(results) + "\n")
     return run_dir, results

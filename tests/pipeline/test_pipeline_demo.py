@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from pipeline.config import build_config
@@ -46,3 +47,10 @@ def test_supervised_baseline_runs(tmp_path):
     assert {"reach_acc", "reach_delta_acc", "reach_val_acc", "reach_test_bins"} <= set(results)
     assert results["reach_acc"] > 0.3  # tuned synthetic units: far above chance (0.125)
     assert (run_dir / "eval.json").is_file() and (run_dir / "metrics.jsonl").is_file()
+    # its representation is read out and exported like any run's (pipeline.evaluate --run)
+    from pipeline.evaluate import main as evaluate_main
+
+    out = tmp_path / "emb.npz"
+    assert evaluate_main(["--run", str(run_dir), "--no-plots", "--export-embeddings", str(out)]) == 0
+    emb = np.load(out)["embedding"]
+    assert emb.shape == (480, cfg.model.out_dim) and np.isfinite(emb).all()
