@@ -46,7 +46,7 @@ def test_byol_forces_mining_weight_zero():
     ("optim=3", "config key 'optim'"),
     ("optim.batch_size=0", "optim.batch_size"),
     ("data.split=[0.5, 0.1, 0.1]", "sum to 1"),
-    ("method.name=simclr", "method.name"),
+    ("method.name=vicreg", "method.name"),
     ("optim.name=lars", "optim.name"),
     ("augment.dropout_max=1.5", "augment.dropout_max"),
     ("no_equals_sign", "expected key=value"),
