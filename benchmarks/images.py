@@ -2,13 +2,13 @@
 one JSON line.
 
 1. Throughput: anchor images per second through full training steps (a batch from each
-   stream, with its augmentations, + ``pipeline.train.train_step``), MYOW and BYOL
+   stream, with its augmentations, + ``pipeline.step.train_step``), MYOW and BYOL
    interleaved in blocks so machine noise hits both alike, medians after a warm-up, in the
    steady state (lambda ramped in). The small setting: configs/mnist_myow.yaml (small
    convnet, 16x16 views) with B = L = ``--throughput-batch``.
 2. Accuracy: the MNIST test set (``../shared/data/mnist-t10k``, sharded by
    ``preprocess.shard_images``) split 8000 / 2000 (images 0-7999 trained on, 8000-9999
-   evaluated on, ``images.eval_fraction``); ``pipeline.train.train`` with
+   evaluated on, ``images.eval_fraction``); ``pipeline.loop.train`` with
    configs/mnist_myow.yaml and configs/mnist_byol.yaml for the same number of steps and
    seeds, and a random-init encoder of the same architecture (the trainer's initialisation
    for that seed, no training) read out by the same evaluation (linear probe: logistic

@@ -1,6 +1,6 @@
 """What the miner pairs, over training: a diagnosis on a reach recording; prints one JSON line.
 
-Trains like the trainer (the same streams and ``pipeline.train.train_step``; non-test
+Trains like the trainer (the same streams and ``pipeline.step.train_step``; non-test
 trials only, as ``benchmarks/selection.py``) and, at the steps given by ``--at``, mines a
 fresh diagnostic batch with the current networks exactly as the step does (online y of
 the anchors' view 1 against target y' of an independent pool, same-trial candidates

@@ -9,7 +9,7 @@ candidate (a name and ``--set`` overrides on top of ``--config``) and every seed
 2. the frozen encoder embeds those trials' bins; a ridge read-out of the reach direction
    is cross-validated over ``--folds`` folds of consecutive trials, with the ridge
    strength chosen by an inner cross-validation of the fitting folds
-   (:func:`pipeline.evaluate.reach_cv_readout`). Every labelled moving bin of the non-test
+   (:func:`pipeline.readout.probes.reach_cv_readout`). Every labelled moving bin of the non-test
    trials is predicted once (Chewie-1: ~730 bins instead of the 84 validation bins).
 
 The test trials are never read out here. Every candidate runs on the same seeds, so the

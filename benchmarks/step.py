@@ -1,7 +1,7 @@
 """MYOW vs BYOL time per optimizer step, in one run; prints one JSON line.
 
 Neural setting: the reach config on Chewie-1 (B = 512 anchors, L = 1024 candidates, MLP
-encoder), step = sampling both streams + ``pipeline.train.train_step``; measured for both
+encoder), step = sampling both streams + ``pipeline.step.train_step``; measured for both
 mining views (``separate``: a third augmented draw, Algorithm 1; ``anchor``: view 1, as
 myow-neuro). Image setting: a small convnet with MLP(., 512, 128) heads on 28x28 inputs,
 B = L = 256, views given as tensors (the data path is not timed there).
