@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 
+from model.methods import DataNeeds
 from preprocess.errors import UserError
 from preprocess.store import filesystem, join_url
 
@@ -27,8 +28,6 @@ from .methods import build_method
 from .readout.images import evaluate_image_data, evaluate_image_run
 from .readout.neural import evaluate_neural_run, evaluate_sessions
 from .readout.runs import export_target, load_run
-
-KINDS = ("neural", "images")
 
 
 def data_kind(cfg: Config) -> str:
@@ -81,17 +80,19 @@ def check_kind(cfg: Config, kind: str, normalization=None) -> None:
 
 
 def build_train_data(cfg: Config, recording: Recording | None = None, normalization=None, rank: int = 0,
-                     world_size: int = 1, progress: bool = False) -> TrainData:
+                     world_size: int = 1, progress: bool = False, needs: DataNeeds | None = None) -> TrainData:
     """The run's data for ``rank`` of ``world_size``: image shard sets (:func:`data_kind`
     "images") by :func:`pipeline.data.images.build_image_train_data`, recording stores (or
     ``recording``) by :func:`pipeline.data.neural.build_neural_train_data`.
-    ``normalization`` may be a checkpoint's stored state (``checkpoint["normalization"]``)."""
+    ``normalization`` may be a checkpoint's stored state (``checkpoint["normalization"]``);
+    ``needs``: what the method draws (default: :func:`pipeline.methods.build_method`'s)."""
+    needs = needs or build_method(cfg).needs
     kind = "neural" if recording is not None else data_kind(cfg)
     check_kind(cfg, kind, normalization)
     if kind == "images":
-        return build_image_train_data(cfg, normalization, rank=rank, world_size=world_size)
+        return build_image_train_data(cfg, normalization, rank=rank, world_size=world_size, needs=needs)
     return build_neural_train_data(cfg, recording, normalization, rank=rank, world_size=world_size,
-                                   progress=progress)
+                                   progress=progress, needs=needs)
 
 
 def evaluate_data(data: TrainData, model, cfg: Config, *, device, run_dir=None, plots: bool = False) -> dict:

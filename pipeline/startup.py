@@ -246,9 +246,10 @@ def start_run(cfg: Config, data: TrainData | None = None, env: DistEnv | None = 
     try:
         # the stored normalisation (a checkpoint's state) is reused as is: before the run dir,
         # so a bad store or shard set leaves nothing behind
+        method = build_method(cfg)
         data = data or build_train_data(cfg, normalization=resume["normalization"] if resume else None,
                                         rank=env.rank, world_size=env.world_size,
-                                        progress=cfg.run.progress and env.is_main)
+                                        progress=cfg.run.progress and env.is_main, needs=method.needs)
         if resume and resume.get("data_kind", "neural") != data.kind:
             raise UserError(f"{ckpt_path}: written by a run on {resume.get('data_kind', 'neural')} data, data.path "
                             f"is {data.kind} data; resume with the same data, or use another run.dir to start over")
@@ -256,7 +257,6 @@ def start_run(cfg: Config, data: TrainData | None = None, env: DistEnv | None = 
             threads = set_threads(cfg.run.threads, images=True)
         if device.type == "cuda":
             data.pin_memory()
-        method = build_method(cfg)
         plan = Plan.build(cfg, data.steps_per_epoch, data.sessions[0].min_time_gap_s)
         plans = [dataclasses.replace(plan, min_time_gap_s=s.min_time_gap_s) for s in data.sessions]
         seed_everything(cfg.run.seed)  # model initialisation: the same on every rank

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.methods import data_needs
+from model.methods import DataNeeds
 from preprocess.errors import UserError
 from preprocess.shard_format import read_index
 from preprocess.store import filesystem, join_url
@@ -244,7 +244,7 @@ class ImageTrainData(SessionList):
 
 
 def build_image_train_data(cfg, normalization: dict | None = None, *, rank: int = 0,
-                           world_size: int = 1) -> ImageTrainData:
+                           world_size: int = 1, needs: DataNeeds) -> ImageTrainData:
     """The trainer's data for an image shard set (``cfg.data.path``, ``cfg.images``).
 
     ``normalization``: a checkpoint's stored state (resume): its constants and view size
@@ -258,8 +258,7 @@ def build_image_train_data(cfg, normalization: dict | None = None, *, rank: int 
     else:
         normalize = im.normalize if isinstance(im.normalize, str) else (tuple(im.normalize[0]), tuple(im.normalize[1]))
         image_size = im.image_size
-    mining_view = data_needs(cfg.method.name, cfg.effective_mining_weight, cfg.method.pool,
-                             cfg.method.mining_view).mining_view  # x_m, a separate view to mine with
+    mining_view = needs.mining_view  # x_m, a separate view to mine with
     anchors, pool = build_image_streams(
         train_sel.url, d.storage_options, batch_size=cfg.optim.batch_size, pool_size=cfg.method.pool_size,
         seed=cfg.run.seed, rank=rank, world_size=world_size, transform=im.transform, mining_view=mining_view,

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model.methods import data_needs
+from model.methods import DataNeeds
 from preprocess.errors import UserError
 from preprocess.store import filesystem, join_url
 
@@ -153,7 +153,8 @@ def _use_memory(cfg: Config, rec: Recording, budget_bytes: float) -> bool:
 
 def build_neural_train_data(cfg: Config, recording: Recording | None = None,
                             normalization: Normalization | list[Normalization] | dict | list[dict] | None = None,
-                            rank: int = 0, world_size: int = 1, progress: bool = False) -> NeuralTrainData:
+                            rank: int = 0, world_size: int = 1, progress: bool = False, *,
+                            needs: DataNeeds) -> NeuralTrainData:
     """Open the stores of ``cfg.data`` (or use ``recording``), split them, fit each
     session's normalisation on its SSL training samples (unless given, e.g. from a
     checkpoint) and build both streams per session, in memory or streamed
@@ -183,12 +184,12 @@ def build_neural_train_data(cfg: Config, recording: Recording | None = None,
         in_memory = _use_memory(cfg, rec, budget)
         if in_memory and not rec.in_memory:
             budget -= rec.counts_nbytes_float32
-        sessions.append(_build_session(cfg, rec, norm, rank, world_size, progress, in_memory))
+        sessions.append(_build_session(cfg, rec, norm, rank, world_size, progress, in_memory, needs))
     return NeuralTrainData(sessions, seed=cfg.run.seed)
 
 
 def _build_session(cfg: Config, rec: Recording, normalization: Normalization | None, rank: int, world_size: int,
-                   progress: bool, in_memory: bool) -> SessionData:
+                   progress: bool, in_memory: bool, needs: DataNeeds) -> SessionData:
     d = cfg.data
     splits = split_rows(rec.trial, d.split)
     mask = training_mask(rec, splits["train"], d.min_speed)
@@ -202,8 +203,7 @@ def _build_session(cfg: Config, rec: Recording, normalization: Normalization | N
     seed, B, sid = cfg.run.seed, cfg.optim.batch_size, rec.store_id
     anchor_seed, order_seed = derive_seed(seed, 1, rank, sid), derive_seed(seed, 4, sid)
     pool_seed = derive_seed(seed, 2, rank, sid)
-    mining_view = data_needs(cfg.method.name, cfg.effective_mining_weight, cfg.method.pool,
-                             cfg.method.mining_view).mining_view  # x_m, a separate view to mine with
+    mining_view = needs.mining_view  # x_m, a separate view to mine with
     samples = None
     if in_memory:
         rec.load_rates()
