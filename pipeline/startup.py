@@ -180,6 +180,8 @@ def check_resumable(checkpoint: dict, cfg: Config, world_size: int, ckpt_path: P
             continue  # written before the key existed: nothing to compare
         a = old.get(section, {}) if not field else old.get(section, {}).get(field)
         b = new[section] if not field else new[section][field]
+        if isinstance(a, dict) and isinstance(b, dict):  # keys the checkpoint predates: nothing to compare
+            b = {k: v for k, v in b.items() if k in a}
         if a != b:
             if isinstance(a, dict) and isinstance(b, dict):  # name the first differing key of the section
                 field = next((k for k in sorted(set(a) | set(b), key=str) if a.get(k) != b.get(k)), sorted(b)[0])

@@ -18,7 +18,7 @@ from pipeline.config import build_config, load_config
 from pipeline.kinds import build_train_data
 from pipeline.loop import train
 from pipeline.step import Plan, schedules, train_step
-from preprocess.errors import run_cli
+from preprocess.errors import UserError, run_cli
 from pipeline_helpers import REPO, make_store, tiny_overrides, train_killed_at_fetch
 
 STEP_KEYS = {"loss_augmented", "loss_mined", "loss_total", "mining_weight", "learning_rate", "ema_momentum",
@@ -239,3 +239,20 @@ def test_augmented_loss_can_return_the_online_representation():
     loss, y1 = model.augmented_loss(x1, x2, return_representation=True)
     assert y1.shape == (5, 4) and y1.requires_grad
     torch.testing.assert_close(loss, model.augmented_loss(x1, x2))
+
+
+def test_resume_refuses_a_changed_key_and_accepts_keys_the_checkpoint_predates(store, tmp_path):
+    run_dir = tmp_path / "r"
+    cfg = build_config(overrides=tiny_overrides(store, run_dir, steps=4))
+    train(cfg)
+    ckpt_path = run_dir / "checkpoint.pt"
+    changed = build_config(overrides=tiny_overrides(store, run_dir, steps=6, **{"method.k": 3}))
+    with pytest.raises(UserError, match=r"checkpoint's method.k is 5, this config has 3"):
+        train(changed)
+    # a checkpoint written before method.temperature existed: its method section lacks the key
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    del ckpt["config"]["method"]["temperature"]
+    torch.save(ckpt, ckpt_path)
+    longer = build_config(overrides=tiny_overrides(store, run_dir, steps=6))
+    train(longer)
+    assert [r["step"] for r in _metrics(run_dir)] == list(range(1, 7))
