@@ -117,8 +117,8 @@ def _read_nwb_open(nwb, source: str, path: str, bin_size: Fraction, units: str,
         t_end = max(t_end, float(stop.max()))
 
     series = list(_behaviour_series(nwb, source))
-    for _, ts, n in series:
-        t_end = max(t_end, float(_series_times(ts, n - 1, n)[0]))
+    for _, ts, shape in series:
+        t_end = max(t_end, float(_series_times(ts, shape[0] - 1, shape[0])[0]))
     if not math.isfinite(t_end):
         raise UserError(f"{source}: a behavioural time series has non-finite timestamps; fix its timestamps or rate")
     if t_end <= 0:
@@ -131,8 +131,8 @@ def _read_nwb_open(nwb, source: str, path: str, bin_size: Fraction, units: str,
                                    f"{float(bin_size):.6g} s")
     n_rows = int(binning.bin_index_seconds(np.array([t_end]), bin_size)[0]) + 1
     behavior = {}
-    for name, ts, n in series:
-        behavior[name] = _average_series(ts, n, n_rows, bin_size, f"{source}: TimeSeries '{ts.name}'")
+    for name, ts, shape in series:
+        behavior[name] = _average_series(ts, shape, n_rows, bin_size, f"{source}: TimeSeries '{ts.name}'")
     return Recording(format="nwb", path=source, bin_size=bin_size, n_rows=n_rows, unit_ids=ids[keep],
                      unit_quality=quality[keep], files=[path], unit_times_s=unit_times, trials=trials,
                      behavior=behavior)
@@ -142,13 +142,14 @@ BEHAVIOUR_CHUNK_VALUES = 1 << 22  # values of a behavioural series read at a tim
 
 
 def _behaviour_series(nwb, source: str = "NWB file"):
-    """(name, series, n samples) of every numeric TimeSeries outside the units, in processing
+    """(name, series, shape) of every numeric TimeSeries outside the units, in processing
     modules and acquisition; names collide -> prefixed by their container.
 
     Voltage is not behaviour: ElectricalSeries (the raw acquisition, LFP, spike snippets)
-    are skipped with an info line, as are IntervalSeries (+1/-1 interval marks, not values). Labs keep them in the same file, and averaging 32
-    channels of 30 kHz raw data into bins made a 10-minute file need 11 GB. Nothing is read
-    here but the shape; :func:`_average_series` reads the samples in chunks.
+    are skipped with an info line, as are IntervalSeries (+1/-1 interval marks, not values).
+    Labs keep them in the same file, and averaging 32 channels of 30 kHz raw data into bins
+    made a 10-minute file need 11 GB. Nothing is read here but the shape;
+    :func:`_average_series` reads the samples in chunks.
     """
     from pynwb import TimeSeries
     from pynwb.ecephys import ElectricalSeries
@@ -175,7 +176,7 @@ def _behaviour_series(nwb, source: str = "NWB file"):
             if name in seen:
                 name = f"{obj.name}_{ts.name}"
             seen[name] = 1
-            yield name, ts, int(shape[0])
+            yield name, ts, shape
 
 
 def _series_times(ts, lo: int, hi: int) -> np.ndarray:
@@ -185,12 +186,12 @@ def _series_times(ts, lo: int, hi: int) -> np.ndarray:
     return float(ts.starting_time or 0.0) + np.arange(lo, hi, dtype=np.float64) / float(ts.rate)
 
 
-def _average_series(ts, n: int, n_rows: int, bin_size: Fraction, where: str) -> np.ndarray:
-    """Mean of the ``n`` samples of ``ts`` over each of ``n_rows`` bins, read in chunks of
-    about ``BEHAVIOUR_CHUNK_VALUES`` values (memory: the (n_rows, k) sums, not the series).
-    Returns (n_rows, k) float32, NaN for bins without (finite) samples."""
-    shape = tuple(getattr(ts.data, "shape", None) or np.shape(ts.data))
-    k = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+def _average_series(ts, shape: tuple[int, ...], n_rows: int, bin_size: Fraction, where: str) -> np.ndarray:
+    """Mean of the samples of ``ts`` (its data of ``shape`` (n,) or (n, k)) over each of
+    ``n_rows`` bins, read in chunks of about ``BEHAVIOUR_CHUNK_VALUES`` values (memory: the
+    (n_rows, k) sums, not the series). Returns (n_rows, k) float32, NaN for bins without
+    (finite) samples."""
+    n, k = int(shape[0]), int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
     sums = np.zeros((n_rows, k), dtype=np.float64)
     counts = np.zeros(n_rows, dtype=np.float64)
     step = max(1, BEHAVIOUR_CHUNK_VALUES // max(1, k))
