@@ -41,27 +41,6 @@ SCHEMA = "myow.recording/1"
 CREATED_BY = f"myow-stream {__version__}"
 REQUIRED_ARRAYS = ("counts", "bin_start_s", "trial", "units/id", "units/quality")
 QUALITY_CATEGORIES = ("good", "mua", "noise", "unsorted")  # codes 0..3 of units/quality; other labels follow
-
-
-def quality_codes(qualities) -> tuple[np.ndarray, list[str]]:
-    """(int32 codes (N,), categories) of per-unit quality labels, stored like the labels:
-    integer codes with a ``categories`` attribute, which every Zarr v3 reader (tensorstore
-    too) opens; zarr-python's variable-length string dtype is an extension others refuse."""
-    names = [str(q) for q in qualities]
-    categories = list(QUALITY_CATEGORIES) + sorted(set(names) - set(QUALITY_CATEGORIES))
-    code = {c: i for i, c in enumerate(categories)}
-    return np.array([code[n] for n in names], dtype=np.int32), categories
-
-
-def unit_quality(group) -> list[str]:
-    """The quality label of every unit of an open store group: int codes + ``categories``,
-    or the strings of stores written before codes (both open)."""
-    arr = group["units/quality"]
-    values = arr[:]
-    if np.asarray(values).dtype.kind in "iu":
-        categories = list(arr.attrs["categories"])
-        return [categories[int(c)] for c in values]
-    return [str(q) for q in values]
 SUBGROUPS = ("labels", "behavior", "units")
 TARGET_CHUNK_BYTES = 1 << 20  # chunks of whole rows of at least ~1 MiB (docs/contracts.md section 4)
 CHUNKS_PER_SHARD = 32  # ~32 MiB (raw) shards: few, large objects on object storage
@@ -103,6 +82,30 @@ def make_store(url: str, storage_options: dict | None = None, read_only: bool = 
 
 def join_url(url: str, *names: str) -> str:
     return "/".join([url.rstrip("/"), *[n.strip("/") for n in names if n]])
+
+
+# --------------------------------------------------------------------------- unit quality
+
+
+def quality_codes(qualities) -> tuple[np.ndarray, list[str]]:
+    """(int32 codes (N,), categories) of per-unit quality labels, stored like the labels:
+    integer codes with a ``categories`` attribute, which every Zarr v3 reader (tensorstore
+    too) opens; zarr-python's variable-length string dtype is an extension others refuse."""
+    names = [str(q) for q in qualities]
+    categories = list(QUALITY_CATEGORIES) + sorted(set(names) - set(QUALITY_CATEGORIES))
+    code = {c: i for i, c in enumerate(categories)}
+    return np.array([code[n] for n in names], dtype=np.int32), categories
+
+
+def unit_quality(group) -> list[str]:
+    """The quality label of every unit of an open store group: int codes + ``categories``,
+    or the strings of stores written before codes (both open)."""
+    arr = group["units/quality"]
+    values = arr[:]
+    if np.asarray(values).dtype.kind in "iu":
+        categories = list(arr.attrs["categories"])
+        return [categories[int(c)] for c in values]
+    return [str(q) for q in values]
 
 
 # --------------------------------------------------------------------------- layout
