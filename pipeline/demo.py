@@ -40,7 +40,6 @@ def run_demo(overrides: list[str] | tuple[str, ...] = (), config: str | None = N
     from preprocess import bin_spikes
     from preprocess.simulate import simulate_reach_session, write_nwb
 
-
     config = config or DEMO_CONFIG
     if not Path(config).is_file():
         raise UserError(f"{config}: demo config not found; run from a source checkout or pass --config")

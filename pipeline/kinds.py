@@ -16,6 +16,7 @@ import os
 
 from model.methods import DataNeeds
 from preprocess.errors import UserError
+from preprocess.shard_format import INDEX, SPLITS
 from preprocess.store import filesystem, join_url
 
 from .checkpoint import dir_write_error
@@ -44,7 +45,7 @@ def data_kind(cfg: Config) -> str:
         fs, root = filesystem(path, cfg.data.storage_options)
         if fs.exists(join_url(root, "zarr.json")):
             return "neural"
-        markers = [join_url(root, "index.json")] + [join_url(root, s, "index.json") for s in ("train", "val", "test")]
+        markers = [join_url(root, INDEX)] + [join_url(root, s, INDEX) for s in SPLITS]
         return "images" if any(fs.exists(m) for m in markers) else "neural"
     except Exception:  # noqa: BLE001 - unreachable storage: the store reader says what is wrong
         return "neural"

@@ -1,9 +1,9 @@
-"""Runtime helpers.
+"""Runtime helpers, in one place: thread counts (torch and BLAS), seeding, run-directory
+names, batches to the device, and the per-thread intra-op limit of the augmenting threads.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import random
 import threading
@@ -13,8 +13,6 @@ from pathlib import Path
 import numpy as np
 import threadpoolctl
 import torch
-
-log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- helpers
 

@@ -1,9 +1,11 @@
-"""One optimizer step.
+"""One optimizer step and what drives it: the per-run :class:`Plan`, the lr / tau / lambda
+:func:`schedules`, MYOW/BYOL's :func:`train_step` (paper Algorithm 1) with its mining
+statistics, and SimCLR's :func:`contrastive_step`. Steps are pure functions of the batch,
+the step number and the config; the loop (:mod:`pipeline.loop`) owns when they run.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Callable
 
@@ -17,8 +19,6 @@ from model.schedules import cosine_ema_momentum, mining_weight, warmup_cosine_lr
 
 from .config import Config
 from .data.context import MiningContext
-
-log = logging.getLogger(__name__)
 
 MINING_METRICS = ("mining_pool_size", "mined_same_trial_ratio", "mined_time_gap_seconds",
                   "mined_label_agreement_ratio", "mined_valid_ratio")
@@ -184,8 +184,6 @@ def train_step(model: MYOW | nn.Module, optimizer: torch.optim.Optimizer,
     return {"loss_augmented": l_aug, "loss_mined": l_mined if stats["mined_valid_ratio"] is not None else None,
             "loss_total": l_total, "mining_weight": lam, "learning_rate": lr, "ema_momentum": tau,
             "embedding_std": emb_std, **stats}
-
-
 
 
 def contrastive_step(model: nn.Module, optimizer: torch.optim.Optimizer,

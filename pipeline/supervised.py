@@ -151,7 +151,6 @@ def train_supervised(cfg: Config) -> tuple[Path, dict]:
     """Run the supervised baseline as a run (config.yaml, metrics.jsonl, eval.json)."""
     from preprocess.errors import UserError
 
-
     set_threads(cfg.run.threads)
     if not cfg.data.path:
         raise UserError("data.path is not set: pass --set data.path=STORE_URL")

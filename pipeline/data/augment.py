@@ -1,17 +1,15 @@
-"""Normalisation and augmentations of binned rates.
+"""Normalisation and augmentations of binned rates: per-unit standardisation fitted on the
+SSL training samples, and the neural augmentations (randomized dropout, pepper, Gaussian noise).
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..config import AugmentConfig
-
-log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- normalisation / augmentation
 

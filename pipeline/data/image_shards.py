@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import io
-import logging
 import tarfile
 from collections.abc import Sequence
 
@@ -17,8 +16,6 @@ from preprocess.store import filesystem, join_url
 
 from .recording import is_transient
 from .stages import ordered_map, retry
-
-log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- shards
 

@@ -1,4 +1,37 @@
 """Image anchor and pool streams: in-memory samplers and streamed shard readers.
+
+    shards (index.json + shard-NNNNNN.tar, written by preprocess.shard_images; any fsspec URL)
+      small set (decoded size <= memory_budget_mb): decoded once into uint8 (n, C, H, W)
+          anchors: epoch_order(order_seed, epoch) -> shard_for_rank -> equal count per rank -> B
+          pool:    an independent uniform draw of L per step (own generator)
+      large set: streamed
+          epoch_order(shards) -> shard_for_rank (anchors only) -> ordered_map(read + decode, threads)
+          -> shuffle buffer of decoded images -> B (anchors) or L (pool)
+      -> views: T (two per anchor), T_m (one per anchor and one per candidate)
+
+The streams have the interface of the neural ones (:mod:`pipeline.data.samplers`,
+:mod:`pipeline.data.streams`), so the trainer uses them unchanged::
+
+    anchors: next() -> (x1, x2, x_m | None, meta)     x* (B, C, S, S) float32, normalised
+    pool:    next() -> (x_pool (L, C, S, S), meta)
+    meta:    store int64 (0), time float64 (= sample index), trial int64 (= sample index),
+             row int64 (sample index in the split), label int64 (class; monitoring only)
+
+``trial`` is the sample index, so the trainer's same-trial exclusion
+(:func:`model.miner.exclusion_mask`) keeps an anchor from mining its own image in the pool.
+``time`` is the sample index too: keep the mining time gap at 0 for images.
+
+The views (:mod:`pipeline.data.image_views`) are made in the Prefetcher's producer thread,
+limited to ``augment_threads`` (1) intra-op threads: these small ops ran 3-6x slower with 2
+OpenMP threads on 2 cores.
+
+Determinism: every random draw (epoch order aside, which is a pure function of (seed,
+epoch)) is made from the stream's own ``torch.Generator``: crop boxes, flips, jitter
+factors and orders, grayscale decisions, pool indices and buffer picks. Nothing touches
+torch's global RNG. (``torch.random.fork_rng`` + ``manual_seed`` around v2 transforms
+would not be deterministic here: the anchor and pool streams run in two Prefetcher threads
+at once and would race on the one global generator.) So two streams with the same seed
+give the same batches, and a stream restored from ``state_dict()`` continues exactly.
 """
 
 from __future__ import annotations

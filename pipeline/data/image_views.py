@@ -1,9 +1,31 @@
 """Image views: T and T_m (paper App. C), batched colour ops, normalisation.
+
+Augmentations (paper App. C; torchvision.transforms.v2 semantics). T = RandomResizedCrop(S,
+scale (0.2, 1), ratio (3/4, 4/3), bicubic, antialias) -> RandomHorizontalFlip(0.5) ->
+ToDtype(float32, scale) -> RandomApply([ColorJitter(0.4, 0.4, 0.4, 0.1)], 0.8) ->
+RandomGrayscale(0.1) -> Normalize. T_m = RandomResizedCrop(scale (0.8, 1)) -> flip -> Normalize
+(App. C names only the crop; the authors' code, nerdslab/myow scripts/cifar-train.py, also
+flips: we follow the code). MNIST (App. G reports "Crop only" and "All"): ``"mnist"`` is
+crop only (T: crop (0.2, 1), T_m: crop (0.8, 1), no flip, no colour), ``"mnist-all"`` the full
+T. :meth:`ViewSpec.to_v2` builds the equivalent ``v2.Compose`` (the reference the tests
+compare against).
+
+Batching: only the crop runs per sample (``v2.functional.resized_crop`` on uint8, ~25k
+images/s); flip, the four colour-jitter ops (each sample with its own factors *and its own
+random op order*, as ColorJitter), grayscale and normalisation run on the whole batch with
+the same formulas as ``v2.functional`` (equal to 1e-5, tested).
+
+Normalisation: per-channel constants by transform set (``normalize="preset"``): MNIST
+(0.1307, 0.3081), the MNIST training set's statistics; CIFAR-10's training set
+(0.4914, 0.4822, 0.4465) / (0.2470, 0.2435, 0.2616) (the authors' code uses the
+widespread, slightly wrong std (0.2023, 0.1994, 0.2010); ours is the true one); ImageNet's
+for ``"imagenet"``. ``normalize="fit"`` computes them from the training images instead
+(exact in memory; the first ``FIT_SAMPLES`` selected samples when streamed), or pass
+``(mean, std)``. The streams carry it as ``.normalization`` for evaluation.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -11,8 +33,6 @@ from dataclasses import dataclass
 import torch
 
 from preprocess.errors import UserError
-
-log = logging.getLogger(__name__)
 
 FIT_SAMPLES = 10000  # samples a streamed set's normalisation is fitted on (normalize="fit")
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # v2.functional.rgb_to_grayscale

@@ -10,7 +10,7 @@ import torch
 
 from model.methods import DataNeeds
 from preprocess.errors import UserError
-from preprocess.shard_format import read_index
+from preprocess.shard_format import INDEX, SPLITS, read_index
 from preprocess.store import filesystem, join_url
 
 from .image_shards import ShardSet, _SizeMismatch, load_image_tensors
@@ -50,9 +50,6 @@ class Selection:
 
     def describe(self) -> str:
         return f"{self.url} [{self.lo}, {self.hi})"
-
-
-SELECTION_SPLITS = ("train", "val", "test")
 
 
 def _choose_split(key: str, value, present: list[str], has_root: bool, root: str, train: str | None = None):
@@ -107,8 +104,8 @@ def resolve_selections(cfg) -> tuple[Selection, Selection]:
     root = str(d.path)
     fs, path = filesystem(root, d.storage_options)
     try:
-        has_root = fs.exists(join_url(path, "index.json"))
-        present = [s for s in SELECTION_SPLITS if fs.exists(join_url(path, s, "index.json"))]
+        has_root = fs.exists(join_url(path, INDEX))
+        present = [s for s in SPLITS if fs.exists(join_url(path, s, INDEX))]
     except Exception as err:  # noqa: BLE001
         raise UserError(f"{root}: cannot list the storage ({type(err).__name__}: {err}); check data.path and "
                         "data.storage_options")

@@ -1,9 +1,9 @@
-"""In-memory samples and samplers.
+"""The SSL training samples of a session held in memory, and their anchor and pool
+samplers (:mod:`pipeline.data.sampling` holds what they share with the image samplers).
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,8 +13,6 @@ from .augment import Augmenter
 from .jitter import draw_positives, jitter_table
 from .recording import Recording
 from .sampling import MemoryAnchorSampler, MemoryPoolSampler
-
-log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- training samples
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -19,8 +18,6 @@ from ..runtime import set_threads
 from .pictures import save_agreement_plot, save_confusion, save_mining_grid
 from .probes import frozen_features, knn_accuracy, linear_probe_details
 from .runs import export_arrays
-
-log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- evaluation
 

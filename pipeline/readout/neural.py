@@ -1,4 +1,5 @@
-"""Neural read-outs.
+"""Neural read-outs: embed a recording with a frozen encoder, read out every task of the
+store (docs/contracts.md section 8), combine sessions, and evaluate a saved neural run.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
-"""Pictures.
+"""The evaluation pictures: t-SNE of an embedding, mined-view label agreement over training,
+anchor / mined-view grids of images (paper Figure 2) and the mining confusion matrix
+(Figure S6).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,8 +16,6 @@ from ..cli import read_jsonl
 from ..data.image_views import ImageNormalization
 from ..data.recording import Recording, hand_speed, split_rows
 from .probes import TSNE_MAX_ROWS
-
-log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- plots
 

@@ -1,9 +1,10 @@
-"""Pure read-out probes.
+"""Pure read-out probes on arrays, the paper's protocols: the reach-direction ridge map
+(with its trial-grouped cross-validated form), multinomial logistic regression of labels,
+the image linear probe and weighted kNN, and the frozen-encoder pass they read.
 """
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Sequence
 
@@ -11,16 +12,12 @@ import numpy as np
 import torch
 import torch.nn.functional as TF
 
-log = logging.getLogger(__name__)
-
-
 REACH_ALPHAS = 2.0 ** np.arange(-10, 11)  # 21 ridge strengths, 2^-10 .. 2^10
 LOGREG_CS = 10.0 ** np.arange(-3, 4)  # inverse L2 strengths of the logistic regression
 ACC_WINDOW = np.pi / 8  # +-22.5 deg: the nearest of 8 directions
 DELTA_ACC_WINDOW = 3 * np.pi / 16  # +-33.75 deg
 MAX_CLASSES = 64  # labels with more classes are not classification tasks (e.g. ids)
 TSNE_MAX_ROWS = 2000
-
 
 
 # --------------------------------------------------------------------------- metrics

@@ -1,9 +1,9 @@
-"""Run directories for evaluation.
+"""A saved run for evaluation: its config and checkpoint (:func:`load_run`) and the
+``--export-embeddings`` target, checked before the work and written atomically.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -13,8 +13,6 @@ from preprocess.errors import UserError
 
 from ..checkpoint import CHECKPOINT_NAME, EVALUATE_FIX, atomic_write, checkpoint_error, dir_write_error, load_checkpoint
 from ..config import Config, ConfigError, build_config
-
-log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- run-level
 
