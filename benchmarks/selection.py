@@ -61,7 +61,6 @@ def run_one(job: dict) -> dict:
     """Train one (recording, candidate, seed) on the non-test trials and cross-validate the read-out."""
     import torch
 
-    from pipeline.build import build_model
     from pipeline.checkpoint import load_checkpoint
     from pipeline.config import load_config
     from pipeline.data.augment import normalizations_from
@@ -69,6 +68,7 @@ def run_one(job: dict) -> dict:
     from pipeline.readout.probes import reach_cv_readout
     from pipeline.data.recording import open_store
     from pipeline.loop import train
+    from pipeline.methods import build_method
     from pipeline.runtime import set_threads
 
     if job["threads"]:
@@ -87,7 +87,7 @@ def run_one(job: dict) -> dict:
     ckpt = load_checkpoint(Path(run_dir) / "checkpoint.pt")
     norm = normalizations_from(ckpt["normalization"])
     rec = open_store(job["store"])
-    model = build_model(cfg, rec.n_units)
+    model = build_method(cfg).build_model(cfg, rec.n_units)  # any method's module, as pipeline.evaluate
     model.load_state_dict(ckpt["model"])
     with torch.no_grad():
         emb = embed(model.encoder, rec, norm)
@@ -96,7 +96,7 @@ def run_one(job: dict) -> dict:
     res = reach_cv_readout(emb[rows], rec.labels["target"][rows], rec.trial[rows], n_folds=job["folds"])
     monitors = {}
     metrics = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    for key in ("mined_label_agreement_ratio", "loss_mined", "loss_augmented", "embedding_std"):
+    for key in ("mined_label_agreement_ratio", "loss_mined", "loss_augmented", "embedding_std", "pretext_accuracy"):
         vals = [m[key] for m in metrics if m.get(key) is not None]
         monitors[key] = vals[-1] if vals else None
     return {**{k: job[k] for k in ("recording", "candidate", "seed")}, "cv_acc": res["reach_cv_acc"],

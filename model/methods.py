@@ -21,7 +21,9 @@ from typing import Protocol
 
 from torch import nn
 
-METHOD_NAMES = ("myow", "byol", "simclr", "supervised")
+METHOD_NAMES = ("myow", "byol", "simclr", "rp", "ts", "ae", "pivae", "supervised")
+TEMPORAL_VIEWS = ("pairs", "triplets")  # DataNeeds.temporal
+TARGET_VIEWS = ("clean", "counts")  # DataNeeds.target_view
 
 
 @dataclass(frozen=True)
@@ -31,14 +33,18 @@ class DataNeeds:
     augmented_pairs: the anchor stream's two augmented views (x1, x2) of each anchor.
     mining_view:     a third, separate view x_m of each anchor to mine with (Algorithm 1).
     candidate_pool:  an independent pool stream of L candidates to mine views from.
-    temporal_pairs:  pairs or triplets of bins with their time labels (RP, TS).
+    temporal:        the anchor stream gives temporal "pairs" (RP) or "triplets" (TS) of bins
+                     with their labels (close / far, in order / not) instead of jitter pairs.
+    target_view:     the third element of an anchor batch is the anchors' "clean" normalised
+                     rates (no augmentation: the AE's target) or their spike "counts" (pi-VAE).
     labels:          behaviour labels are trained on (the method is not self-supervised).
     """
 
     augmented_pairs: bool = True
     mining_view: bool = False
     candidate_pool: bool = False
-    temporal_pairs: bool = False
+    temporal: str | None = None
+    target_view: str | None = None
     labels: bool = False
 
     @property
@@ -54,12 +60,20 @@ def data_needs(name: str, mining_weight: float = 0.0, pool: str = "independent",
     "independent"; "batch" mines among the batch's own view 1, the authors' code) with a
     separate mining view (``mining_view`` "separate"; "anchor" reuses view 1). BYOL is
     MYOW with lambda = 0, and SimCLR contrasts the two views against the batch: augmented
-    pairs only. The supervised MLP trains on labels.
+    pairs only. RP and TS train on temporal pairs / triplets, the AE reconstructs the clean
+    rates of an augmented view, pi-VAE the counts of a view given its label. The supervised
+    MLP trains on labels (its own fit).
     """
     if name not in METHOD_NAMES:
         raise ValueError(f"unknown method {name!r}; one of {', '.join(METHOD_NAMES)}")
     if name == "supervised":
         return DataNeeds(augmented_pairs=False, labels=True)
+    if name in ("rp", "ts"):
+        return DataNeeds(augmented_pairs=False, temporal="pairs" if name == "rp" else "triplets")
+    if name == "ae":
+        return DataNeeds(augmented_pairs=False, target_view="clean")
+    if name == "pivae":
+        return DataNeeds(augmented_pairs=False, target_view="counts", labels=True)
     mines = name == "myow" and mining_weight > 0
     return DataNeeds(mining_view=mines and mining_view == "separate", candidate_pool=mines and pool != "batch")
 

@@ -131,7 +131,7 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "myow"  # myow | byol (same code, mining weight forced to 0) | simclr | supervised
+    name: str = "myow"  # myow | byol (same code, mining weight forced to 0) | simclr | rp | ts | ae | pivae | supervised
     k: int = 5  # mined view drawn uniformly among the k nearest candidates
     pool_size: int = 1024  # L, candidates per step (per rank)
     mining_weight: float = 1.0  # lambda
@@ -159,6 +159,17 @@ class MethodConfig:
     oracle: bool = False
     # SimCLR: temperature of the NT-Xent loss (model/simclr.py).
     temperature: float = 0.1
+    # RP / TS (model/temporal.py, pipeline/data/temporal.py): close = within +-temporal_pos_bins
+    # in the same trial; far = >= temporal_neg_bins away in it, or in another trial when
+    # temporal_across_trials (never in another recording).
+    temporal_pos_bins: int = 2
+    temporal_neg_bins: int = 10
+    temporal_across_trials: bool = True
+    # pi-VAE (model/pivae.py): classes of the main label (labels 0..label_classes-1; -1 =
+    # unknown), latent size Z, weight of the KL term.
+    label_classes: int = 0
+    latent_dim: int = 32
+    kl_weight: float = 1.0
 
 
 @dataclass
@@ -320,6 +331,14 @@ class Config:
         need(me.pool in POOLS, "method.pool", f"must be one of {', '.join(POOLS)}")
         need(0 <= me.mining_context_bins <= 64, "method.mining_context_bins", "must be 0..64")
         need(me.mining_space in MINING_SPACES, "method.mining_space", f"must be one of {', '.join(MINING_SPACES)}")
+        need(1 <= me.temporal_pos_bins <= MAX_JITTER_BINS, "method.temporal_pos_bins", f"must be 1..{MAX_JITTER_BINS}")
+        need(me.temporal_pos_bins < me.temporal_neg_bins <= 2**31, "method.temporal_neg_bins",
+             f"must be more than method.temporal_pos_bins ({me.temporal_pos_bins}) and at most 2**31")
+        need(0 <= me.label_classes <= MAX_WIDTH, "method.label_classes", f"must be 0..{MAX_WIDTH}")
+        need(me.name != "pivae" or me.label_classes >= 1, "method.label_classes",
+             "pivae needs the number of classes of the main label (e.g. 8 reach directions, 3 arousal states)")
+        need(1 <= me.latent_dim <= MAX_WIDTH, "method.latent_dim", f"must be 1..{MAX_WIDTH}")
+        need(me.kl_weight >= 0, "method.kl_weight", "must be >= 0")
         need(o.name in OPTIMIZERS, "optim.name", f"must be one of {', '.join(OPTIMIZERS)}, got {o.name!r}")
         need(o.lr > 0, "optim.lr", "must be > 0")
         need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
@@ -350,7 +369,8 @@ class Config:
         if d.kind == "images":
             need(m.encoder in IMAGE_ENCODERS, "model.encoder",
                  f"images need an image encoder ({', '.join(IMAGE_ENCODERS)}), got {m.encoder!r}")
-            need(me.name != "supervised", "method.name", "supervised is the neural-data baseline; use myow or byol")
+            need(me.name not in ("supervised", "rp", "ts", "ae", "pivae"), "method.name",
+                 f"{me.name} is a neural-data baseline; use myow, byol or simclr")
         elif d.kind == "neural":
             need(m.encoder == "mlp", "model.encoder", f"neural data needs the mlp encoder, got {m.encoder!r}")
         return self

@@ -51,6 +51,9 @@ def data_kind(cfg: Config) -> str:
         return "neural"
 
 
+NEURAL_ONLY_METHODS = ("supervised", "rp", "ts", "ae", "pivae")  # binned recordings only
+
+
 def check_kind(cfg: Config, kind: str, normalization=None) -> None:
     """The settings that only fit one data kind, checked in one place: the encoder, the
     method, the mining time gap, and a checkpoint's normalisation (``normalization``, the
@@ -63,8 +66,9 @@ def check_kind(cfg: Config, kind: str, normalization=None) -> None:
         if cfg.model.encoder not in IMAGE_ENCODERS:
             raise UserError(f"{d.path} holds images: set model.encoder to one of {', '.join(IMAGE_ENCODERS)} "
                             f"(it is {cfg.model.encoder!r}; see configs/mnist_myow.yaml, configs/cifar10_myow.yaml)")
-        if cfg.method.name == "supervised":
-            raise UserError("method.name supervised is the neural-data baseline; image runs take myow or byol")
+        if cfg.method.name in NEURAL_ONLY_METHODS:
+            raise UserError(f"method.name {cfg.method.name} is a neural-data baseline; image runs take myow, byol "
+                            "or simclr")
         if d.min_time_gap_s:
             raise UserError("data.min_time_gap_s is for neural data: images have no time, mining only excludes the "
                             "anchor's own image; leave it null")

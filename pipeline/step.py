@@ -1,7 +1,8 @@
 """One optimizer step and what drives it: the per-run :class:`Plan`, the lr / tau / lambda
 :func:`schedules`, MYOW/BYOL's :func:`train_step` (paper Algorithm 1) with its mining
-statistics, and SimCLR's :func:`contrastive_step`. Steps are pure functions of the batch,
-the step number and the config; the loop (:mod:`pipeline.loop`) owns when they run.
+statistics. The baselines' steps (SimCLR, RP, TS, AE, pi-VAE) are in :mod:`pipeline.baseline_steps`.
+Steps are pure functions of the batch, the step number and the config; the loop
+(:mod:`pipeline.loop`) owns when they run.
 """
 
 from __future__ import annotations
@@ -184,30 +185,3 @@ def train_step(model: MYOW | nn.Module, optimizer: torch.optim.Optimizer,
     return {"loss_augmented": l_aug, "loss_mined": l_mined if stats["mined_valid_ratio"] is not None else None,
             "loss_total": l_total, "mining_weight": lam, "learning_rate": lr, "ema_momentum": tau,
             "embedding_std": emb_std, **stats}
-
-
-def contrastive_step(model: nn.Module, optimizer: torch.optim.Optimizer,
-                     anchors: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, Meta],
-                     pool: tuple[torch.Tensor, Meta] | None, step: int, cfg: Config, generator: torch.Generator,
-                     *, plan: Plan, gather: Gather = identity_gather, context: MiningContext | None = None,
-                     schedule: tuple[float, float, float] | None = None) -> dict:
-    """One SimCLR optimizer step (:class:`model.simclr.SimCLR`), shaped like :func:`train_step`.
-
-    The two augmented views (x1, x2 of the anchor stream) through the model's
-    ``contrastive_loss``; the negatives are the other samples of this rank's batch (``pool``,
-    ``generator``, ``gather`` and ``context`` are unused: SimCLR mines nothing). Returns the
-    keys of :func:`train_step` (``loss_mined``, ``ema_momentum`` and the mining statistics None).
-    """
-    x1, x2, _, _ = anchors
-    lr, _, _ = schedule or schedules(step, cfg, plan)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    loss, y1 = model(x1, x2, mode="contrastive_loss", return_representation=True)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    with torch.no_grad():
-        emb_std = F.normalize(y1.detach().float(), dim=1).std(dim=0).mean()
-    l_total, emb_std = torch.stack([loss.detach(), emb_std]).double().tolist()
-    return {"loss_augmented": l_total, "loss_mined": None, "loss_total": l_total, "mining_weight": 0.0,
-            "learning_rate": lr, "ema_momentum": None, "embedding_std": emb_std, **dict.fromkeys(MINING_METRICS)}

@@ -151,3 +151,16 @@ def no_augmentation(norm: Normalization) -> Augmenter:
     return Augmenter(AugmentConfig(dropout_max=0.0, noise_std=0.0, pepper_p=0.0), norm)
 
 
+
+
+class CountsView:
+    """The spike counts of the bins, rates (Hz) x bin size rounded to whole spikes: pi-VAE's
+    Poisson target. Called like an :class:`Augmenter` (the generator and mask are unused)."""
+
+    def __init__(self, bin_size_s: float):
+        self.bin_size_s = float(bin_size_s)
+
+    def __call__(self, rates: torch.Tensor, generator: torch.Generator | None = None,
+                 drop: torch.Tensor | None | bool = True) -> torch.Tensor:
+        """(n, N) Hz -> (n, N) float32 counts."""
+        return torch.round(rates * self.bin_size_s).float()

@@ -35,15 +35,17 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from model.methods import DataNeeds
 from preprocess.errors import UserError
 from preprocess.store import filesystem, join_url
 
 from ..config import Config
-from .augment import Augmenter, Normalization, no_augmentation, normalization_state, normalizations_from
+from .augment import Augmenter, CountsView, Normalization, no_augmentation, normalization_state, normalizations_from
 from .context import MiningContext
 from .interface import SessionList
+from .jitter import jitter_table
 from .recording import Recording, hand_speed, open_store, split_rows
 from .samplers import AnchorSampler, PoolSampler, Samples, training_samples
 from .stages import Prefetcher, derive_seed
@@ -55,6 +57,7 @@ from .streams import (
     fit_normalization_stats,
     release_freed_blocks,
 )
+from .temporal import TemporalSampler
 
 log = logging.getLogger(__name__)
 
@@ -203,17 +206,37 @@ def _build_session(cfg: Config, rec: Recording, normalization: Normalization | N
     seed, B, sid = cfg.run.seed, cfg.optim.batch_size, rec.store_id
     anchor_seed, order_seed = derive_seed(seed, 1, rank, sid), derive_seed(seed, 4, sid)
     pool_seed = derive_seed(seed, 2, rank, sid)
-    mining_view = needs.mining_view  # x_m, a separate view to mine with
+    # x_m, the third element of an anchor batch: a separate view to mine with, or a method's target
+    mining_view = needs.mining_view or needs.target_view is not None
+    if needs.temporal and not in_memory:
+        raise UserError(f"{rec.url}: method.name {cfg.method.name} draws its pairs from training samples in memory; "
+                        "set data.loading=memory if they fit")
+
+    def third_view(augment: Augmenter, normalization: Normalization):
+        if needs.target_view == "clean":  # the AE's target: the normalised rates, not augmented
+            return no_augmentation(normalization)
+        if needs.target_view == "counts":  # pi-VAE's Poisson target
+            return CountsView(rec.bin_size_s)
+        return augment if cfg.method.mining_augment else no_augmentation(normalization)
+
     samples = None
     if in_memory:
         rec.load_rates()
         samples = training_samples(rec, np.flatnonzero(mask), d.jitter_max_bins)
         normalization = normalization or Normalization.fit(samples.rates)
         augment = Augmenter(cfg.augment, normalization)
-        mining_augment = augment if cfg.method.mining_augment else no_augmentation(normalization)
-        anchors = AnchorSampler(samples, augment, B, anchor_seed, order_seed=order_seed, rank=rank,
-                                world_size=world_size, structured=cfg.augment.structured, mining_view=mining_view,
-                                mining_augment=mining_augment)
+        mining_augment = third_view(augment, normalization)
+        if needs.temporal:
+            nb, cnt = jitter_table(samples.rows, rec.trial, rec.bin_start_s, rec.bin_size_s,
+                                   cfg.method.temporal_pos_bins)
+            anchors = TemporalSampler(samples, torch.from_numpy(nb), torch.from_numpy(cnt), augment, B, anchor_seed,
+                                      order_seed=order_seed, kind=needs.temporal, rank=rank, world_size=world_size,
+                                      neg_gap_s=cfg.method.temporal_neg_bins * rec.bin_size_s,
+                                      across_trials=cfg.method.temporal_across_trials)
+        else:
+            anchors = AnchorSampler(samples, augment, B, anchor_seed, order_seed=order_seed, rank=rank,
+                                    world_size=world_size, structured=cfg.augment.structured, mining_view=mining_view,
+                                    mining_augment=mining_augment)
         pool = PoolSampler(samples, mining_augment, cfg.method.pool_size, pool_seed)
     else:
         release_freed_blocks()
@@ -222,7 +245,7 @@ def _build_session(cfg: Config, rec: Recording, normalization: Normalization | N
         if normalization is None:
             normalization = Normalization.from_stats(*fit_normalization_stats(rec, mask, settings, progress))
         augment = Augmenter(cfg.augment, normalization)
-        mining_augment = augment if cfg.method.mining_augment else no_augmentation(normalization)
+        mining_augment = third_view(augment, normalization)
         anchors = BlockAnchorStream(rec, mask, augment, B, settings, seed=anchor_seed, order_seed=order_seed,
                                     jitter_max_bins=d.jitter_max_bins, rank=rank, world_size=world_size,
                                     structured=cfg.augment.structured, mining_view=mining_view,
