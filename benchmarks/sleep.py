@@ -1,6 +1,7 @@
 """The paper's Fig. 4 (Mouse-CA1 arousal states) in one run; prints one JSON line.
 
 MYOW and BYOL (configs/sleep_myow.yaml and sleep_byol.yaml, the same seeds for both), the
+baselines of Fig. 4 (``--methods ... simclr rp ts ae pivae``: configs/sleep_<method>.yaml), the
 supervised MLP (configs/sleep_supervised.yaml) and a logistic read-out of the raw rates, on
 the 12-hour mouse CA1 recording split 70/10/20 by time. Every method picks its read-out
 (C and class weighting, or its epoch for the supervised MLP) on the validation split; the
@@ -10,8 +11,8 @@ test split is only reported: accuracy, macro F1 and weighted F1 of the arousal s
 For each method: mean and std over seeds, the per-seed values, and for MYOW the paired
 MYOW - BYOL difference of weighted F1 per seed.
 
-Usage: python benchmarks/sleep.py [--seeds 0 1 2] [--jobs 2] [--set key=value ...] [--methods myow byol supervised raw]
-       (--set applies to the MYOW and BYOL runs alike)
+Usage: python benchmarks/sleep.py [--seeds 0 1 2] [--jobs 2] [--set key=value ...]
+       [--methods myow byol simclr rp ts ae pivae supervised raw]   (--set applies to every trained run)
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ from benchmarks.common import run_jobs, summarize  # noqa: E402
 
 SLEEP = ROOT.parent / "shared" / "data" / "sleep-mouse-ca1-12h" / "mouse-ca1-12h-4s.npz"
 KEYS = ("weighted_f1", "macro_f1", "accuracy", "val_weighted_f1")
-PAPER = {"myow": 93.70, "byol": 93.24, "supervised": 93.01}  # weighted F1 %, paper Fig. 4
+PAPER = {"myow": 93.70, "byol": 93.24, "simclr": 81.94, "rp": 82.12, "ts": 81.93, "ae": 57.73, "pivae": 82.48,
+         "supervised": 93.01}  # weighted F1 %, paper Fig. 4 (Mouse-CA1)
+METHODS = (*PAPER, "raw")
 
 
 def run_one(job: dict) -> dict:
@@ -83,11 +86,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--methods", nargs="+", default=["myow", "byol", "supervised", "raw"])
+    p.add_argument("--methods", nargs="+", default=["myow", "byol", "supervised", "raw"],
+                   help=f"any of {', '.join(METHODS)} (configs/sleep_<method>.yaml)")
     p.add_argument("--data", default=str(SLEEP))
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes, 1 torch thread each)")
     args = p.parse_args()
-    unknown = set(args.methods) - {"myow", "byol", "supervised", "raw"}
+    unknown = set(args.methods) - set(METHODS)
     if unknown:
         raise SystemExit(f"unknown method(s) {sorted(unknown)}")
     threads = 1 if args.jobs > 1 else 0

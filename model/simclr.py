@@ -12,7 +12,7 @@ The representation read out is y = f(x), as for MYOW/BYOL. No target network: th
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -77,7 +77,13 @@ class SimCLR(nn.Module):
             return self.contrastive_loss(*args, **kwargs)
         raise ValueError(f"SimCLR: unknown mode {mode!r}")
 
-    def contrastive_loss(self, x1: torch.Tensor, x2: torch.Tensor, return_representation: bool = False):
+    def contrastive_loss(self, x1: torch.Tensor, x2: torch.Tensor, return_representation: bool = False,
+                         gather: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        """NT-Xent of the two views' projections (B, Z) each; ``gather`` (rows of every rank, with
+        gradient) makes the negatives every rank's samples (the global batch), as SimCLR does."""
         y1, y2 = self.encoder(x1), self.encoder(x2)
-        loss = nt_xent_loss(self.projector(y1), self.projector(y2), self.temperature)
+        z1, z2 = self.projector(y1), self.projector(y2)
+        if gather is not None:
+            z1, z2 = gather(z1), gather(z2)
+        loss = nt_xent_loss(z1, z2, self.temperature)
         return (loss, y1) if return_representation else loss

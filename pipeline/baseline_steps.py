@@ -9,7 +9,8 @@ generator, *, plan, gather, context, schedule) -> metrics dict`` with train_step
     elbo_step            pi-VAE      (x1, counts, label) -> Poisson NLL + KL
 
 None of them mines, so ``pool``, ``gather`` and ``context`` are unused, and none has a target
-network (``ema_momentum`` is None). The learning rate follows the same warm-up + cosine schedule.
+network (``ema_momentum`` is None). ``gather_rows`` (rows of every rank, with gradient) is
+what SimCLR draws its negatives from under torchrun; the others ignore it. The learning rate follows the same warm-up + cosine schedule.
 """
 
 from __future__ import annotations
@@ -47,20 +48,22 @@ def _optimize(model: nn.Module, optimizer: torch.optim.Optimizer, step: int, cfg
 
 
 def contrastive_step(model, optimizer, anchors, pool, step: int, cfg: Config, generator: torch.Generator, *,
-                     plan: Plan, gather=None, context=None, schedule=None) -> dict:
+                     plan: Plan, gather=None, context=None, schedule=None, gather_rows=None) -> dict:
     """One SimCLR step (:class:`model.simclr.SimCLR`): anchors = (x1 (B, N), x2 (B, N), _, meta);
-    ``loss_augmented`` = ``loss_total`` = the NT-Xent loss."""
+    ``loss_augmented`` = ``loss_total`` = the NT-Xent loss. ``gather_rows``
+    (:func:`pipeline.distributed.all_gather_with_grad`; None in one process): the negatives
+    are the samples of every rank."""
     x1, x2, _, _ = anchors
 
     def losses(m):
-        loss, y1 = m(x1, x2, mode="contrastive_loss", return_representation=True)
+        loss, y1 = m(x1, x2, mode="contrastive_loss", return_representation=True, gather=gather_rows)
         return loss, y1, {}
 
     return _optimize(model, optimizer, step, cfg, plan, schedule, losses)
 
 
 def temporal_step(model, optimizer, anchors, pool, step: int, cfg: Config, generator: torch.Generator, *,
-                  plan: Plan, gather=None, context=None, schedule=None) -> dict:
+                  plan: Plan, gather=None, context=None, schedule=None, gather_rows=None) -> dict:
     """One RP / TS step (:class:`model.temporal.TemporalContrast`): anchors = (x (B, N), x' (B, N),
     x'' (B, N) or None, meta with ``temporal_label`` (B,)) from
     :class:`pipeline.data.temporal.TemporalSampler`. Adds ``pretext_accuracy`` (share of pairs
@@ -75,7 +78,7 @@ def temporal_step(model, optimizer, anchors, pool, step: int, cfg: Config, gener
 
 
 def reconstruction_step(model, optimizer, anchors, pool, step: int, cfg: Config, generator: torch.Generator, *,
-                        plan: Plan, gather=None, context=None, schedule=None) -> dict:
+                        plan: Plan, gather=None, context=None, schedule=None, gather_rows=None) -> dict:
     """One AE step (:class:`model.autoencoder.AutoEncoder`): anchors = (x1 (B, N) augmented,
     _, clean normalised rates (B, N), meta); the loss is the reconstruction error."""
     x1, _, target, _ = anchors
@@ -88,7 +91,7 @@ def reconstruction_step(model, optimizer, anchors, pool, step: int, cfg: Config,
 
 
 def elbo_step(model, optimizer, anchors, pool, step: int, cfg: Config, generator: torch.Generator, *,
-              plan: Plan, gather=None, context=None, schedule=None) -> dict:
+              plan: Plan, gather=None, context=None, schedule=None, gather_rows=None) -> dict:
     """One pi-VAE step (:class:`model.pivae.PiVAE`): anchors = (x1 (B, N), _, counts (B, N),
     meta with ``label`` (B,)); the loss is the negative ELBO. Adds ``poisson_nll`` and ``kl``.
     ``generator`` draws the reparameterisation noise."""

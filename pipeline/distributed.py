@@ -163,6 +163,20 @@ def all_gather_pool(y: torch.Tensor, meta: Meta, env: DistEnv) -> tuple[torch.Te
     return pool_y, {key: pool_meta[key] for key in meta}
 
 
+def all_gather_with_grad(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """(b, ...) rows of every rank -> (world_size * b, ...), rank r's at block r, WITH gradient:
+    the backward pass sums every rank's gradient of its rows back to the rank that made them
+    (``torch.distributed.nn.functional.all_gather``). Equal b on every rank (the anchor batches
+    are). When every rank computes the same loss of the gathered rows and DDP averages the
+    parameter gradients, the update is the single-process gradient of that global loss
+    (SimCLR's negatives from every rank). A world of one returns ``x`` itself."""
+    if not env.distributed:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x))
+
+
 def all_reduce_mean(values: dict[str, float | None], env: DistEnv) -> dict[str, float | None]:
     """Mean of each metric over the ranks that have it (None where no rank has it).
 

@@ -34,7 +34,7 @@ from .checkpoint import atomic_write_text, rng_state, save_checkpoint
 from .cli import to_json
 from .config import Config, config_to_dict
 from .data.interface import TrainData
-from .distributed import DistEnv, all_gather_pool, all_reduce_mean, barrier, gather_object
+from .distributed import DistEnv, all_gather_pool, all_gather_with_grad, all_reduce_mean, barrier, gather_object
 from .kinds import evaluate_data
 from .runtime import move_to_device
 from .startup import Run, start_run
@@ -162,7 +162,8 @@ def train(cfg: Config, data: TrainData | None = None, env: DistEnv | None = None
     run = start_run(cfg, data, env, resume_hint)
     env, plan, device = run.env, run.plan, run.device
     checkpointer, evaluator, stop = Checkpointer(run, cfg), Evaluator(run, cfg), StopRequest()
-    gather = functools.partial(all_gather_pool, env=env)
+    gather = functools.partial(all_gather_pool, env=env)  # the global pool (MYOW)
+    gather_rows = functools.partial(all_gather_with_grad, env=env) if env.distributed else None  # SimCLR's negatives
     samples = run.start * cfg.optim.batch_size * env.world_size  # global anchors consumed (equal B per rank)
     run.model.train()
     try:
@@ -184,7 +185,8 @@ def train(cfg: Config, data: TrainData | None = None, env: DistEnv | None = None
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.run.amp):
                     out = run.method.step(run.net, run.optimizer, anchors, pool, step, cfg, run.mining_gen,
                                           plan=run.plans[session_index], gather=gather,
-                                          context=session.mining_context, schedule=schedule)
+                                          context=session.mining_context, schedule=schedule,
+                                          gather_rows=gather_rows)
                 t2 = time.perf_counter()
                 done = step + 1
                 samples += anchors[0].shape[0] * env.world_size

@@ -103,7 +103,7 @@ def train_step(model: MYOW | nn.Module, optimizer: torch.optim.Optimizer,
                anchors: tuple[torch.Tensor, torch.Tensor, torch.Tensor, Meta],
                pool: tuple[torch.Tensor, Meta] | None, step: int, cfg: Config, generator: torch.Generator,
                *, plan: Plan, gather: Gather = identity_gather, context: MiningContext | None = None,
-               schedule: tuple[float, float, float] | None = None) -> dict:
+               schedule: tuple[float, float, float] | None = None, gather_rows: Callable | None = None) -> dict:
     """One MYOW/BYOL optimizer step (paper Algorithm 1).
 
     Args:
@@ -124,6 +124,7 @@ def train_step(model: MYOW | nn.Module, optimizer: torch.optim.Optimizer,
             context), or None (the k-NN search compares single bins).
         schedule: (lr, tau, lambda) of this step when the caller already has it
             (:func:`schedules`; the loop needs lambda to decide whether to draw a pool).
+        gather_rows: unused here (the baselines' gather with gradient: SimCLR's negatives).
 
     Returns:
         floats: loss_augmented, loss_mined, loss_total, mining_weight, learning_rate,

@@ -304,3 +304,86 @@ def test_resume_refuses_another_world_size_or_config(store, tmp_path):
     with pytest.raises(UserError, match="model.hidden_dim"):
         check_resumable(ckpt, build_config(overrides=tiny_overrides(store, run_dir, **{"model.hidden_dim": 32})),
                         1, run_dir)
+
+
+def test_a_baseline_trains_under_torchrun(store, tmp_path):
+    """RP (pairs from the rank-sharded temporal sampler) with 2 ranks: every step on both
+    ranks, the samples of both counted, the run read out at the end."""
+    run_dir = tmp_path / "rp"
+    proc = subprocess.run(_torchrun(store, run_dir, 6, "method.name=rp"), env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert rows[-1]["world_size"] == 2 and rows[-1]["samples"] == 6 * 2 * 32
+    assert 0 <= rows[-1]["pretext_accuracy"] <= 1
+    assert "reach_acc" in json.loads((run_dir / "eval.json").read_text())
+
+
+def _simclr_inputs(ranks, B: int = 8):
+    """A SimCLR model (eval-mode BatchNorm with running statistics), SGD, and the views of ``ranks``."""
+    from pipeline.build import build_optimizer
+    from pipeline.methods import build_simclr
+
+    cfg = build_config(overrides=["method.name=simclr", "optim.name=sgd", "optim.lr=0.5", "optim.warmup_epochs=0",
+                                  "model.hidden_dim=16", "model.num_blocks=2", "model.out_dim=8",
+                                  "model.predictor_hidden=16"])
+    torch.manual_seed(0)
+    model = build_simclr(cfg, 12)
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+    views = []
+    for r in ranks:
+        g = torch.Generator().manual_seed(200 + r)
+        views.append((torch.randn(B, 12, generator=g), torch.randn(B, 12, generator=g)))
+    x1, x2 = torch.cat([v[0] for v in views]), torch.cat([v[1] for v in views])
+    return model, build_optimizer(cfg, model.online_parameters()), (x1, x2, None, {}), cfg
+
+
+def _simclr_rank_step(rank: int, world: int, port: int, out_dir: str) -> None:
+    import functools
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from pipeline.baseline_steps import contrastive_step
+    from pipeline.distributed import all_gather_with_grad, init_distributed, shutdown, wrap_ddp
+    from pipeline.step import Plan
+
+    env = init_distributed("cpu", timeout_s=60)
+    model, opt, anchors, cfg = _simclr_inputs(range(rank, rank + 1))
+    net = wrap_ddp(model, env)
+    plan = Plan(steps_per_epoch=1, total_steps=10, warmup_steps=0, mining_warmup_steps=0, mining_ramp_steps=0,
+                min_time_gap_s=0.0)
+    out = contrastive_step(net, opt, anchors, None, 0, cfg, torch.Generator(), plan=plan,
+                           gather_rows=functools.partial(all_gather_with_grad, env=env))
+    torch.save({"out": out, "model": model.state_dict()}, f"{out_dir}/simclr{rank}.pt")
+    del net
+    shutdown(env)
+
+
+def test_simclr_negatives_come_from_every_rank(tmp_path):
+    """2 ranks x B with the gather = one process with the 2B batch: the same loss and update."""
+    from pipeline.baseline_steps import contrastive_step
+    from pipeline.step import Plan
+
+    ctx = torch.multiprocessing.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_simclr_rank_step, args=(r, 2, port, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    ranks = [torch.load(tmp_path / f"simclr{r}.pt", weights_only=True) for r in range(2)]
+    model, opt, anchors, cfg = _simclr_inputs(range(2))
+    plan = Plan(steps_per_epoch=1, total_steps=10, warmup_steps=0, mining_warmup_steps=0, mining_ramp_steps=0,
+                min_time_gap_s=0.0)
+    ref = contrastive_step(model, opt, anchors, None, 0, cfg, torch.Generator(), plan=plan)
+    for r in range(2):
+        assert ranks[r]["out"]["loss_total"] == pytest.approx(ref["loss_total"], rel=1e-5)
+    for key, value in model.state_dict().items():
+        assert torch.allclose(ranks[0]["model"][key].float(), value.float(), atol=1e-5), key
+        assert torch.equal(ranks[0]["model"][key], ranks[1]["model"][key]), key
