@@ -36,6 +36,7 @@ from .data.recording import Recording, load_recording, split_rows
 from .readout.neural import reach_task_rows
 from .readout.probes import angle_accuracy
 from .runtime import default_run_dir, set_threads
+from .startup import check_run_dir, create_run_dir
 
 log = logging.getLogger("pipeline.supervised")
 
@@ -155,10 +156,11 @@ def train_supervised(cfg: Config) -> tuple[Path, dict]:
     if not cfg.data.path:
         raise UserError("data.path is not set: pass --set data.path=STORE_URL")
     run_dir = Path(cfg.run.dir) if cfg.run.dir else default_run_dir("supervised")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    check_run_dir(run_dir)  # writes nothing; the data is read before anything is written
     rec = load_recording(cfg.data.path, cfg.data.storage_options)
     rows, label = supervised_task(rec, cfg)
+    create_run_dir(run_dir)
+    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     with open(run_dir / "metrics.jsonl", "w") as f:
         def on_epoch(epoch, loss, val):
             if epoch % cfg.train.log_every == 0 or epoch == cfg.train.epochs:

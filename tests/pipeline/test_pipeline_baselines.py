@@ -104,3 +104,13 @@ def test_pivae_needs_its_classes_and_baselines_refuse_images():
 def test_shipped_config_of_every_method_loads(task, name):
     cfg = load_config(str(REPO / "configs" / f"{task}_{name}.yaml"))
     assert cfg.method.name == name
+
+
+def test_supervised_writes_nothing_when_its_data_fails(tmp_path):
+    from pipeline.supervised import train_supervised
+
+    cfg = load_config(str(REPO / "configs" / "reach_supervised.yaml"),
+                      [f"data.path={tmp_path / 'missing.zarr'}", f"run.dir={tmp_path / 'run'}"])
+    with pytest.raises(UserError):
+        train_supervised(cfg)
+    assert not (tmp_path / "run").exists()
