@@ -127,7 +127,7 @@ def mine_views(anchors: torch.Tensor, pool: torch.Tensor, k: int, generator: tor
             sim = a[start:stop] @ p.T                          # (c, L)
             # A non-finite representation gives NaN similarities; treat them as excluded
             # (topk would rank NaN first and break the "allowed = prefix" invariant below).
-            sim.masked_fill_(sim.isnan(), float("-inf"))
+            sim.nan_to_num_(nan=float("-inf"))  # cosines are finite otherwise: one pass
             if exclude is not None:
                 sim.masked_fill_(exclude[start:stop], float("-inf"))
             vals, idx = sim.topk(kk, dim=1)                    # (c, kk), sorted descending
