@@ -31,6 +31,7 @@ from .checkpoint import (
     checkpoint_error,
     dir_write_error,
     load_checkpoint,
+    rng_state,
     set_rng_state,
     state_dict_problem,
 )
@@ -47,7 +48,8 @@ from .step import Plan
 
 log = logging.getLogger("pipeline.train")
 
-__all__ = ["check_run_dir", "create_run_dir", "start_metrics", "load_resume", "per_rank", "start_run", "Run"]
+__all__ = ["check_run_dir", "create_run_dir", "start_metrics", "load_resume", "precheck_resume", "per_rank",
+           "start_run", "Run"]
 
 
 def nearest_existing(path: Path) -> Path:
@@ -120,10 +122,41 @@ def start_metrics(cfg: Config, env: DistEnv) -> NullMetrics:
 def load_resume(resume: dict, model: nn.Module, optimizer: torch.optim.Optimizer, data, mining_gen: torch.Generator,
                  env: DistEnv, ckpt_path: Path) -> int:
     """Restore the checkpoint's states; UserError naming checkpoint.pt when one does not fit."""
-    parts = (("model weights", lambda: model.load_state_dict(resume["model"])),
-             ("optimizer state", lambda: optimizer.load_state_dict(resume["optimizer"])),
-             ("data stream state", lambda: data.load_state_dict(per_rank(resume["data"], env))),
-             ("random state", lambda: set_rng_state(per_rank(resume["rng"], env), mining_gen)))
+    _restore(ckpt_path, (("model weights", lambda: model.load_state_dict(resume["model"])),
+                         ("optimizer state", lambda: optimizer.load_state_dict(resume["optimizer"])),
+                         ("data stream state", lambda: data.load_state_dict(per_rank(resume["data"], env))),
+                         ("random state", lambda: set_rng_state(per_rank(resume["rng"], env), mining_gen))))
+    return int(resume["step"])
+
+
+def precheck_resume(resume: dict, cfg: Config, method: MethodSpec, env: DistEnv, ckpt_path: Path) -> None:
+    """Restore the checkpoint's model weights, optimizer and random states into a throwaway
+    model before any data is read, so that a checkpoint that does not fit this run is one
+    line before minutes of loading (and before any log line). The model's input comes from
+    the checkpoint's normalisation (neural: units per session; images: channels); the data
+    stream states need the data and are checked by :func:`load_resume`. The global random
+    states are put back afterwards."""
+    sizes = check_normalization(resume, None, ckpt_path)
+    if sizes is not None:
+        in_dim = sizes if len(sizes) > 1 else sizes[0]
+    else:
+        norm = resume.get("normalization")
+        in_dim = norm.get("channels") if isinstance(norm, dict) else None
+        if isinstance(in_dim, bool) or not isinstance(in_dim, int) or not 1 <= in_dim <= 4:
+            return  # the real load (after the data) reports it
+    saved = rng_state()
+    try:
+        model = method.build_model(cfg, in_dim)
+        optimizer = build_optimizer(cfg, model.online_parameters())
+        _restore(ckpt_path, (("model weights", lambda: model.load_state_dict(resume["model"])),
+                             ("optimizer state", lambda: optimizer.load_state_dict(resume["optimizer"])),
+                             ("random state", lambda: set_rng_state(per_rank(resume["rng"], env),
+                                                                    torch.Generator()))))
+    finally:
+        set_rng_state(saved)
+
+
+def _restore(ckpt_path: Path, parts) -> None:
     for what, load in parts:
         try:
             load()
@@ -132,7 +165,6 @@ def load_resume(resume: dict, model: nn.Module, optimizer: torch.optim.Optimizer
         except Exception as err:  # a size mismatch, missing keys, a wrong type, ...
             raise checkpoint_error(ckpt_path, f"its {what} cannot be restored into this run "
                                               f"({state_dict_problem(err)})", TRAIN_FIX) from None
-    return int(resume["step"])
 
 
 def per_rank(state, env: DistEnv):
@@ -239,6 +271,9 @@ def start_run(cfg: Config, data: TrainData | None = None, env: DistEnv | None = 
         resume = load_checkpoint(ckpt_path, fix=TRAIN_FIX)
         check_resumable(resume, cfg, env.world_size, ckpt_path)
         check_normalization(resume, None, ckpt_path)
+    method = build_method(cfg)
+    if resume:
+        precheck_resume(resume, cfg, method, env, ckpt_path)
 
     metrics = start_metrics(cfg, env)  # a busy port or bad host fails before minutes of data loading
     created: Path | None = None
@@ -248,7 +283,6 @@ def start_run(cfg: Config, data: TrainData | None = None, env: DistEnv | None = 
     try:
         # the stored normalisation (a checkpoint's state) is reused as is: before the run dir,
         # so a bad store or shard set leaves nothing behind
-        method = build_method(cfg)
         data = data or build_train_data(cfg, normalization=resume["normalization"] if resume else None,
                                         rank=env.rank, world_size=env.world_size,
                                         progress=cfg.run.progress and env.is_main, needs=method.needs)

@@ -24,7 +24,7 @@ import numpy as np
 from dask.callbacks import Callback
 from tqdm import tqdm
 
-from . import binning, sources
+from . import binning, source_nwb, sources
 from .errors import OneLineParser, UsageError, UserError, run_cli, setup_logging
 from .store import COUNTS_COMPRESSOR, StoreLayout, StoreWriter, count_dtype, join_url, open_array, quality_codes
 
@@ -53,8 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                "cluster with spikes (noise and unlabelled too). Spike times must be sorted (Kilosort writes "
                "them sorted); unsorted input is refused, not silently sorted.\n"
                f"Bounds: at most --max-bins bins (default {sources.DEFAULT_MAX_BINS}) and {sources.MAX_UNITS} units "
-               "(distinct cluster ids); a bin size of at least one sample period; counts up to 2**32-1; trial "
-               "labels that fit int32. Larger inputs are refused before anything is allocated.",
+               "(distinct cluster ids); a bin size of at least one sample period (NWB: the units table's "
+               "resolution, when given); counts up to 2**32-1; trial labels that fit int32; NWB behaviour of at "
+               f"most {source_nwb.MAX_BEHAVIOUR_BYTES >> 30} GiB in memory. Larger inputs are refused before "
+               "anything is allocated.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("source", metavar="SOURCE", help="Phy/Kilosort folder, .nwb file or binned .npz (path or URL)")
@@ -70,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which sorted units to keep (default: good)")
     p.add_argument("--trials", metavar="TABLE.tsv",
                    help="Phy only: trials table with start_s, stop_s and optional label columns (e.g. target)")
+    p.add_argument("--behavior", action="append", metavar="NAME",
+                   help="NWB only: bin only this TimeSeries as behaviour/NAME (repeatable; an unknown name is an "
+                        "error listing the file's series); default: every numeric TimeSeries except "
+                        "ElectricalSeries (voltage) and IntervalSeries")
     p.add_argument("--sample-rate", metavar="HZ", help="sample rate of spike_times.npy (default: params.py)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
     p.add_argument("--storage-options", metavar="JSON", default="{}",
@@ -131,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     max_bins = _int_option(args.max_bins, "--max-bins", 1, 2**62)
     workers = _int_option(args.workers, "--workers", 1, MAX_WORKERS)
     _check_scheduler(args.scheduler)
+    behavior = None if args.behavior is None else list(dict.fromkeys(args.behavior))
+    if behavior is not None and any(not name.strip() for name in behavior):
+        raise UsageError("--behavior: empty name; give the name of an NWB TimeSeries, e.g. --behavior velocity")
     try:
         storage_options = json.loads(args.storage_options)
         if not isinstance(storage_options, dict):
@@ -143,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.format and not sources.filesystem(local)[0].exists(local):
             raise UserError(f"{args.source}: no such file or directory")
         rec = sources.read_source(args.source, fmt, local, bin_size, args.units, sample_rate, args.trials,
-                                  max_bins)
+                                  max_bins, behavior)
         summary = write_recording(rec, args.out, storage_options, args.overwrite, args.scheduler,
                                   workers, progress=not args.no_progress)
     seconds = time.perf_counter() - started

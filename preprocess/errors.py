@@ -44,6 +44,31 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None, pro
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; nothing was published", file=sys.stderr)
         return 130
+    except Exception as err:  # the last resort: resources ran out where no check foresaw it
+        problem = _resource_exhaustion(err)
+        if problem is None:
+            raise
+        print(f"{prog}: error: {problem}", file=sys.stderr)
+        return EXIT_DATA
+
+
+def _resource_exhaustion(err: BaseException) -> str | None:
+    """One line for an error caused (directly or while handling it) by running out of memory
+    or of threads; None for any other error (a bug: its traceback is shown)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, MemoryError):
+            return ("out of memory (MemoryError); free memory, raise the memory limit (ulimit -v) or choose "
+                    "smaller sizes")
+        if isinstance(err, (ImportError, OSError)) and "failed to map segment" in str(err):
+            return ("cannot load a shared library: out of address space (failed to map segment); free memory "
+                    "or raise the memory limit (ulimit -v)")
+        if isinstance(err, RuntimeError) and "can't start new thread" in str(err):
+            return ("cannot start a thread (out of memory or a thread limit); free memory, raise the limits "
+                    "(ulimit -v, ulimit -u) or use fewer threads")
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def setup_logging(verbose: bool = False) -> None:

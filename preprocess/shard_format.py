@@ -47,7 +47,30 @@ def read_index(url: str, storage_options: dict | None = None) -> dict:
         consistent = False
     if not consistent:
         raise UserError(f"{url}/{INDEX}: 'shards' and 'num_samples' do not agree; re-create the shard set")
+    _check_shard_sizes(fs, path, url, index["shards"])
     return index
+
+
+def _check_shard_sizes(fs, path: str, url: str, shards: list[dict]) -> None:
+    """Compare each shard's size with its ``bytes`` in index.json (sets written since the
+    field exists; older ones are read as before), from one listing of the folder: a
+    truncated, missing or replaced tar is refused when the set is opened."""
+    try:
+        expected = {s["name"]: int(s["bytes"]) for s in shards}
+    except (KeyError, TypeError, ValueError):
+        return
+    try:
+        listing = {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry.get("size")
+                   for entry in fs.ls(path, detail=True)}
+    except Exception:  # cannot list (permissions of some object stores): the reader checks each shard
+        return
+    for name, size in expected.items():
+        where = f"{url.rstrip('/')}/{name}"
+        if name not in listing:
+            raise UserError(f"{where}: missing (index.json lists it); re-create the shard set")
+        if listing[name] is not None and int(listing[name]) != size:
+            raise UserError(f"{where}: {listing[name]} bytes, index.json says {size} (truncated or replaced); "
+                            "re-create the shard set")
 
 
 def iter_samples(url: str, storage_options: dict | None = None) -> Iterator[tuple[str, bytes, str, int]]:

@@ -25,7 +25,9 @@ digits) and ``KEY.EXT`` (the image), KEY = the sample's index in its split, ``%0
 MNIST/CIFAR pixels are stored losslessly as PNG (mode L / RGB); ImageFolder files are
 stored byte for byte with their own extension (lower-cased). Tars carry mtime 0, so the
 same input always gives the same bytes. ``index.json`` (schema ``myow.images/1``) lists the
-shards with their sample counts, the class names, the source and the image mode.
+shards with their sample counts and sizes in bytes (``read_index`` compares the sizes with
+one listing, so a truncated tar is refused when the set is opened), the class names, the
+source and the image mode.
 
 Publication: ``index.json`` is the completion marker; a prefix without it is incomplete
 and ``read_index`` refuses it. Locally the whole output is written into a hidden

@@ -219,7 +219,10 @@ def _write_set(webdataset, image_set: ImageSet, publisher: ShardSetPublisher, sh
 
     def post(filename: str) -> None:
         # called by ShardWriter after closing a shard, before the next sample is counted
-        shards.append({"name": os.path.basename(filename), "samples": written - sum(s["samples"] for s in shards)})
+        # bytes: readers compare it with the file's size (a listing), so a truncated or replaced
+        # shard is refused when the set is opened, not midway through a training run
+        shards.append({"name": os.path.basename(filename), "samples": written - sum(s["samples"] for s in shards),
+                       "bytes": os.path.getsize(filename)})
         publisher.shard_done(image_set.split, filename)
 
     where = os.path.join(publisher.split_dir(image_set.split), SHARD_PATTERN)

@@ -377,6 +377,7 @@ def build_nwbfile(session: ReachSession):
                              data=times_s)
     nwb.units = Units(
         name="units", description="simulated sorted units (cluster ids as ids)",
+        resolution=1.0 / rate,  # spike times are whole samples: bins shorter than one are refused
         id=ElementIdentifiers(name="id", data=np.arange(session.n_units, dtype=np.int64)),
         columns=[spike_times,
                  VectorIndex(name="spike_times_index", data=bounds[1:].astype(np.int64), target=spike_times),

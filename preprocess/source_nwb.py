@@ -19,8 +19,10 @@ from .source_common import (DEFAULT_MAX_BINS, UNIT_SELECTIONS, Recording, Trials
 log = logging.getLogger("preprocess.sources")
 
 
-def read_nwb(path: str, source: str, bin_size: Fraction, units: str, max_bins: int = DEFAULT_MAX_BINS) -> Recording:
-    """Units table (spike times in seconds), trials table, behavioural time series."""
+def read_nwb(path: str, source: str, bin_size: Fraction, units: str, max_bins: int = DEFAULT_MAX_BINS,
+             behavior: list[str] | None = None) -> Recording:
+    """Units table (spike times in seconds), trials table, behavioural time series (every
+    numeric one but voltage and intervals, or only those named in ``behavior``)."""
     import warnings
 
     try:
@@ -45,7 +47,12 @@ def read_nwb(path: str, source: str, bin_size: Fraction, units: str, max_bins: i
             raise UserError(f"{source}: not a readable NWB file ({type(err).__name__}: {str(err)[:200]}); "
                             "check that it is a complete NWB (HDF5) file") from None
         try:
-            return _read_nwb_open(nwb, source, path, bin_size, units, max_bins)
+            return _read_nwb_open(nwb, source, path, bin_size, units, max_bins, behavior)
+        except UserError:
+            raise
+        except MemoryError:
+            raise UserError(f"{source}: not enough memory to read the NWB contents; use a larger --bin-size or "
+                            "select fewer series with --behavior NAME") from None
         except (OSError, KeyError, ValueError, TypeError, IndexError, AttributeError) as err:
             # lazily read datasets of a damaged file fail here
             raise UserError(f"{source}: cannot read the NWB contents ({type(err).__name__}: {str(err)[:200]}); "
@@ -55,10 +62,13 @@ def read_nwb(path: str, source: str, bin_size: Fraction, units: str, max_bins: i
 
 
 def _read_nwb_open(nwb, source: str, path: str, bin_size: Fraction, units: str,
-                   max_bins: int = DEFAULT_MAX_BINS) -> Recording:
+                   max_bins: int = DEFAULT_MAX_BINS, behavior: list[str] | None = None) -> Recording:
     if nwb.units is None or len(nwb.units) == 0:
         raise UserError(f"{source}: the NWB file has no units table (nwbfile.units); add the sorted units")
     table = nwb.units
+    _check_resolution(table, bin_size, source)
+    # the series are found (names checked) before any spike time is read
+    series = list(_behaviour_series(nwb, source, behavior))
     columns = set(table.colnames)
     if "spike_times" not in columns:
         raise UserError(f"{source}: units table has no 'spike_times' column")
@@ -116,7 +126,6 @@ def _read_nwb_open(nwb, source: str, path: str, bin_size: Fraction, units: str,
         trials = check_trials(Trials(start, stop, labels, cats), f"{source}: trials table")
         t_end = max(t_end, float(stop.max()))
 
-    series = list(_behaviour_series(nwb, source))
     for _, ts, shape in series:
         t_end = max(t_end, float(_series_times(ts, shape[0] - 1, shape[0])[0]))
     if not math.isfinite(t_end):
@@ -130,32 +139,60 @@ def _read_nwb_open(nwb, source: str, path: str, bin_size: Fraction, units: str,
     check_n_bins(needed, max_bins, f"{source}: the recording ends at {t_end:.6g} s: {needed:.6g} bins of "
                                    f"{float(bin_size):.6g} s")
     n_rows = int(binning.bin_index_seconds(np.array([t_end]), bin_size)[0]) + 1
-    behavior = {}
+    _check_behaviour_memory(series, n_rows, bin_size, source)
+    binned = {}
     for name, ts, shape in series:
-        behavior[name] = _average_series(ts, shape, n_rows, bin_size, f"{source}: TimeSeries '{ts.name}'")
+        binned[name] = _average_series(ts, shape, n_rows, bin_size, f"{source}: TimeSeries '{ts.name}'")
     return Recording(format="nwb", path=source, bin_size=bin_size, n_rows=n_rows, unit_ids=ids[keep],
                      unit_quality=quality[keep], files=[path], unit_times_s=unit_times, trials=trials,
-                     behavior=behavior)
+                     behavior=binned)
+
+
+def _check_resolution(table, bin_size: Fraction, source: str) -> None:
+    """A bin shorter than the units table's ``resolution`` (the smallest possible difference
+    between two spike times, 1/sample rate as spike sorters write it) is refused, like a bin
+    shorter than one sample of a Phy folder."""
+    resolution = getattr(table, "resolution", None)
+    try:
+        resolution = float(resolution) if resolution is not None else None
+    except (TypeError, ValueError):
+        return
+    if resolution is None or not math.isfinite(resolution) or resolution <= 0:
+        return
+    if float(bin_size) < resolution * (1 - 1e-9):
+        rate = 1 / resolution
+        least = (f"1/{round(rate)} s ({resolution:.6g} s: one sample at {round(rate)} Hz)"
+                 if round(rate) >= 1 and abs(rate - round(rate)) <= 1e-9 * rate else f"{resolution!r} s")
+        raise UserError(f"--bin-size {float(bin_size):.6g}: shorter than the spike-time resolution of {source} "
+                        f"(units table: {resolution:.6g} s); choose a bin size of at least {least}")
+
+
+# the binned behaviour of an NWB file is held in memory (sums while averaging, float32 results
+# until written): refused beyond this, before anything is allocated
+MAX_BEHAVIOUR_BYTES = 1 << 30
+
+
+def _check_behaviour_memory(series: list, n_rows: int, bin_size: Fraction, source: str) -> None:
+    if not series:
+        return
+    columns = [int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1 for _, _, shape in series]
+    # float32 results of every series + the float64 sums, counts and temporaries of the largest
+    needed = n_rows * (4 * sum(columns) + 16 * max(columns) + 16)
+    if needed > MAX_BEHAVIOUR_BYTES:
+        names = ", ".join(name for name, _, _ in series[:5]) + (", ..." if len(series) > 5 else "")
+        raise UserError(f"{source}: binning its behaviour ({names}: {sum(columns)} values per bin) into {n_rows} "
+                        f"bins of {float(bin_size):.6g} s needs {needed / 2**30:.3g} GiB of memory, more than "
+                        f"{MAX_BEHAVIOUR_BYTES >> 30} GiB; use a larger --bin-size or select fewer series with "
+                        "--behavior NAME")
 
 
 BEHAVIOUR_CHUNK_VALUES = 1 << 22  # values of a behavioural series read at a time (32 MiB as float64)
 
 
-def _behaviour_series(nwb, source: str = "NWB file"):
-    """(name, series, shape) of every numeric TimeSeries outside the units, in processing
-    modules and acquisition; names collide -> prefixed by their container.
-
-    Voltage is not behaviour: ElectricalSeries (the raw acquisition, LFP, spike snippets)
-    are skipped with an info line, as are IntervalSeries (+1/-1 interval marks, not values).
-    Labs keep them in the same file, and averaging 32 channels of 30 kHz raw data into bins
-    made a 10-minute file need 11 GB. Nothing is read here but the shape;
-    :func:`_average_series` reads the samples in chunks.
-    """
+def _all_series(nwb):
+    """(container, TimeSeries) of every TimeSeries in acquisition and the processing modules."""
     from pynwb import TimeSeries
-    from pynwb.ecephys import ElectricalSeries
-    from pynwb.misc import IntervalSeries
 
-    seen: dict[str, int] = {}
     containers = list(nwb.acquisition.values())
     for module in nwb.processing.values():
         containers += list(module.data_interfaces.values())
@@ -163,20 +200,73 @@ def _behaviour_series(nwb, source: str = "NWB file"):
         children = [obj] if isinstance(obj, TimeSeries) else [
             c for c in getattr(obj, "children", []) if isinstance(c, TimeSeries)]
         for ts in children:
-            if isinstance(ts, (ElectricalSeries, IntervalSeries)):
-                log.info("%s: %s '%s' is not behaviour: not binned", source, type(ts).__name__, ts.name)
-                continue
-            data = ts.data
-            shape = tuple(getattr(data, "shape", None) or np.shape(data))
-            dtype = getattr(data, "dtype", None)
-            dtype = np.dtype(dtype) if dtype is not None else np.asarray(data[:1]).dtype
-            if dtype.kind not in "iuf" or len(shape) not in (1, 2) or shape[0] == 0:
-                continue
-            name = ts.name
-            if name in seen:
-                name = f"{obj.name}_{ts.name}"
-            seen[name] = 1
-            yield name, ts, shape
+            yield obj, ts
+
+
+def _series_shape(ts) -> tuple[tuple[int, ...], np.dtype]:
+    data = ts.data
+    shape = tuple(getattr(data, "shape", None) or np.shape(data))
+    dtype = getattr(data, "dtype", None)
+    dtype = np.dtype(dtype) if dtype is not None else np.asarray(data[:1]).dtype
+    return shape, dtype
+
+
+def _binnable(shape: tuple[int, ...], dtype: np.dtype) -> bool:
+    return dtype.kind in "iuf" and len(shape) in (1, 2) and shape[0] > 0
+
+
+def _behaviour_series(nwb, source: str = "NWB file", names: list[str] | None = None):
+    """(name, series, shape) of the TimeSeries binned as behaviour, from the processing
+    modules and acquisition; names collide -> prefixed by their container.
+
+    By default every numeric TimeSeries but voltage: ElectricalSeries (the raw acquisition,
+    LFP, spike snippets) are skipped with an info line, as are IntervalSeries (+1/-1 interval
+    marks, not values). Labs keep them in the same file, and averaging 32 channels of 30 kHz
+    raw data into bins made a 10-minute file need 11 GB. With ``names`` (``--behavior``),
+    exactly the series of those names (as stored: ``behavior/<name>``), whatever their type;
+    a name the file does not have is an error listing the ones it has. Nothing is read here
+    but the shape; :func:`_average_series` reads the samples in chunks.
+    """
+    from pynwb.ecephys import ElectricalSeries
+    from pynwb.misc import IntervalSeries
+
+    if names is not None:
+        yield from _named_series(nwb, source, names)
+        return
+    seen: dict[str, int] = {}
+    for obj, ts in _all_series(nwb):
+        if isinstance(ts, (ElectricalSeries, IntervalSeries)):
+            log.info("%s: %s '%s' is not behaviour: not binned", source, type(ts).__name__, ts.name)
+            continue
+        shape, dtype = _series_shape(ts)
+        if not _binnable(shape, dtype):
+            continue
+        name = ts.name
+        if name in seen:
+            name = f"{obj.name}_{ts.name}"
+        seen[name] = 1
+        yield name, ts, shape
+
+
+def _named_series(nwb, source: str, names: list[str]):
+    found: dict[str, tuple] = {}
+    for obj, ts in _all_series(nwb):
+        name = ts.name if ts.name not in found else f"{obj.name}_{ts.name}"
+        found[name] = (ts, type(ts).__name__)
+    for name in names:
+        if name not in found:
+            listing = ", ".join(f"{n} ({kind})" for n, (_, kind) in sorted(found.items())[:20]) or "none"
+            if len(found) > 20:
+                listing += f", ... ({len(found)} in all)"
+            raise UserError(f"--behavior {name}: {source} has no TimeSeries of that name; its TimeSeries are: "
+                            f"{listing}")
+    for name in names:
+        ts = found[name][0]
+        shape, dtype = _series_shape(ts)
+        if not _binnable(shape, dtype):
+            raise UserError(f"--behavior {name}: TimeSeries '{ts.name}' of {source} holds {dtype} data of shape "
+                            f"{shape}; only numeric (n,) or (n, k) series can be averaged into bins")
+        yield name, ts, shape
 
 
 def _series_times(ts, lo: int, hi: int) -> np.ndarray:

@@ -30,7 +30,10 @@ def parse_params_py(path: str) -> dict:
         with open(path) as f:
             tree = ast.parse(f.read(), filename=path)
     except (OSError, SyntaxError, ValueError, UnicodeDecodeError, MemoryError, RecursionError) as err:
-        what = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__  # e.g. nesting too deep
+        if isinstance(err, (MemoryError, RecursionError)):  # the parser's limits: deeply nested expressions
+            what = "an expression is nested too deeply or is too large for the parser"
+        else:
+            what = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
         raise UserError(f"{path}: cannot parse ({what}); fix the file or pass --sample-rate")
     params = {}
     for node in tree.body:

@@ -36,8 +36,12 @@ __all__ = [
 
 def read_source(source: str, fmt: str, local: str, bin_size: Fraction | None, units: str,
                 sample_rate: Fraction | None, trials_path: str | None,
-                max_bins: int = DEFAULT_MAX_BINS) -> Recording:
-    """Dispatch to the reader of ``fmt`` (``local`` is a local path of ``source``)."""
+                max_bins: int = DEFAULT_MAX_BINS, behavior: list[str] | None = None) -> Recording:
+    """Dispatch to the reader of ``fmt`` (``local`` is a local path of ``source``);
+    ``behavior``: the NWB TimeSeries to bin (None: every numeric one but voltage)."""
+    if behavior is not None and fmt != "nwb":
+        why = "an .npz stores all its float arrays" if fmt == "npz" else "a Phy folder has no behaviour"
+        raise UsageError(f"--behavior applies to NWB files only ({why}); drop it")
     if fmt == "npz":
         if trials_path:
             raise UsageError("--trials applies to Phy folders only (an .npz carries its own 'trial' array)")
@@ -48,4 +52,4 @@ def read_source(source: str, fmt: str, local: str, bin_size: Fraction | None, un
         return read_phy(local, source, bin_size, units, sample_rate, trials_path, max_bins)
     if trials_path:
         raise UsageError("--trials applies to Phy folders only (an NWB file carries its own trials table)")
-    return read_nwb(local, source, bin_size, units, max_bins)
+    return read_nwb(local, source, bin_size, units, max_bins, behavior)

@@ -25,6 +25,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from preprocess.errors import UserError
+
 log = logging.getLogger(__name__)
 
 __all__ = ["derive_seed", "epoch_order", "shard_for_rank", "EpochCursor", "ordered_map", "retry", "ShuffleBuffer", "Prefetcher",
@@ -250,8 +252,13 @@ class Prefetcher:
 
     def _start(self) -> None:
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name=f"myow-{self.name}", daemon=True)
-        self._thread.start()
+        thread = threading.Thread(target=self._run, name=f"myow-{self.name}", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError as err:  # out of memory or a thread limit: no half-started state left
+            raise UserError(f"cannot start the {self.name} prefetch thread ({err}); free memory, raise the limits "
+                            "(ulimit -v, ulimit -u) or lower data.read_threads") from None
+        self._thread = thread
 
     def __iter__(self):
         return self

@@ -389,3 +389,104 @@ def test_demo_bad_run_dir_is_one_line(tmp_path, capsys, small_demo, setup, needl
     before = snapshot(tmp_path)
     line = fails(capsys, train_mod.main, ["--demo", "--set", f"run.dir={run_dir}"], TRAIN, 1, needle)
     assert "--overwrite" not in line and snapshot(tmp_path) == before
+
+
+# --------------------------------------------------------------------------- 7. checked before the data
+
+
+@pytest.mark.parametrize("kind, needle", [
+    ("wrong-shape", "model weights"), ("config-not-weights", "model weights"), ("optimizer", "optimizer state"),
+    ("rng", "random state"), ("normalization", "normalization"),
+])
+def test_bad_checkpoint_is_refused_before_reading_the_data(store, trained, tmp_path, capsys, monkeypatch, kind,
+                                                           needle):
+    """The checkpoint's model, optimizer and random states are restored into a throwaway model
+    sized from its normalisation before the data is read: one line, no log line before it."""
+    def boom(*args, **kwargs):
+        raise AssertionError("the data was read before the checkpoint was checked")
+
+    monkeypatch.setattr(startup, "build_train_data", boom)
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    good = torch.load(trained / "checkpoint.pt", map_location="cpu", weights_only=True)
+    _craft(kind, good, run_dir / "checkpoint.pt")
+    before = snapshot(run_dir)
+    extra = {"model.hidden_dim": 32} if kind == "config-not-weights" else {}
+    fails(capsys, train_mod.main, train_argv(store, run_dir, **extra), TRAIN, 1, f"{run_dir / 'checkpoint.pt'}",
+          needle, "delete it or use another run.dir")
+    assert snapshot(run_dir) == before
+
+
+def test_precheck_leaves_the_random_state_alone(store, trained):
+    import random
+
+    import numpy as np
+
+    from pipeline.checkpoint import load_checkpoint
+    from pipeline.distributed import init_distributed
+    from pipeline.methods import build_method
+
+    cfg = build_config(overrides=tiny_overrides(store, trained, steps=2))
+    ckpt = load_checkpoint(trained / "checkpoint.pt")
+    torch.manual_seed(5), np.random.seed(5), random.seed(5)
+    expected = torch.rand(1), np.random.rand(), random.random()
+    torch.manual_seed(5), np.random.seed(5), random.seed(5)
+    startup.precheck_resume(ckpt, cfg, build_method(cfg), init_distributed("cpu"), trained / "checkpoint.pt")
+    assert (torch.rand(1), np.random.rand(), random.random()) == expected
+
+
+# --------------------------------------------------------------------------- 8. image shards, threads
+
+
+def _image_shards(folder: Path) -> Path:
+    """Tiny MNIST-like idx files (48 training images) sharded 16 per tar."""
+    import gzip
+    import struct
+
+    import numpy as np
+
+    from preprocess import shard_images
+
+    rng = np.random.default_rng(0)
+    src = folder / "idx"
+    src.mkdir(parents=True)
+    for prefix, n in (("train", 48), ("t10k", 16)):
+        for kind, array in (("images-idx3", rng.integers(0, 255, (n, 28, 28))), ("labels-idx1", np.arange(n) % 4)):
+            header = bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+            (src / f"{prefix}-{kind}-ubyte.gz").write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+    out = folder / "shards"
+    assert shard_images.main([str(src), "--out", str(out), "--shard-size", "16", "--no-progress"]) == 0
+    return out
+
+
+def test_truncated_shard_in_a_streamed_run_writes_nothing(tmp_path, capsys):
+    shards = _image_shards(tmp_path / "data")
+    capsys.readouterr()
+    tar = shards / "train" / "shard-000001.tar"
+    tar.write_bytes(tar.read_bytes()[:3000])
+    run_dir = tmp_path / "runs" / "img"
+    values = {"data.path": shards, "data.loading": "stream", "run.dir": run_dir, "run.threads": 1,
+              "run.progress": False, "run.device": "cpu", "train.max_steps": 2, "model.encoder": "convnet",
+              "model.out_dim": 8, "model.projector": "[16,8]", "model.predictor_hidden": 16,
+              "model.mined_projector": "[16,8]", "method.k": 1, "method.pool_size": 8, "optim.batch_size": 8,
+              "images.transform": "mnist", "images.image_size": 16}
+    argv = [a for k, v in values.items() for a in ("--set", f"{k}={v}")]
+    fails(capsys, train_mod.main, argv, TRAIN, 1, f"{tar}: 3000 bytes, index.json says", "re-create the shard set")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_thread_that_cannot_start_is_one_line(store, tmp_path, capsys, monkeypatch):
+    """Out of threads or memory (a ulimit): the prefetcher's thread does not start; its cleanup
+    then fails too. Both end as one line."""
+    import threading
+
+    from pipeline.data import stages
+
+    def no_thread(self):
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True)  # never started
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(stages.Prefetcher, "_start", no_thread)
+    fails(capsys, train_mod.main, train_argv(store, tmp_path / "r"), TRAIN, 1, "cannot start a thread",
+          "ulimit")

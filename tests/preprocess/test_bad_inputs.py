@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import re
 import shutil
 import struct
 import subprocess
@@ -94,6 +95,17 @@ def _nwb_float_label(src: Path, p: Path) -> Path:
     return p / "l.nwb"
 
 
+def _nwb_without_resolution(src: Path, p: Path) -> Path:
+    """An NWB file whose units table does not give its spike-time resolution (most files)."""
+    from pynwb import NWBHDF5IO
+
+    nwb = simulate.build_nwbfile(simulate.simulate_reach_session(n_units=3, n_trials=4, seed=2))
+    nwb.units.fields.pop("resolution", None)
+    with NWBHDF5IO(str(p / "nores.nwb"), mode="w") as io_:
+        io_.write(nwb)
+    return p / "nores.nwb"
+
+
 def _times(src: Path, p: Path, edit) -> Path:
     folder = _copy_phy(src, p)
     times = np.load(folder / "spike_times.npy")
@@ -163,7 +175,12 @@ BIN_CASES = {
     # 2. bounds on the output's size, checked before allocating
     "bin size 1e-12 phy": (PHY, ["--bin-size", "1e-12"], 1, "--bin-size 1e-12: shorter than one sample period"),
     "bin size below a sample": (PHY, ["--bin-size", "1e-7"], 1, "shorter than one sample period"),
-    "bin size 1e-12 nwb": (NWB, ["--bin-size", "1e-12"], 1, "--max-bins"),
+    "bin size 1e-12 nwb": (_nwb_without_resolution, ["--bin-size", "1e-12", "--units", "all"], 1, "--max-bins"),
+    "bin size below the nwb resolution": (NWB, ["--bin-size", "1e-7", "--units", "all"], 1,
+                                          "--bin-size 1e-07: shorter than the spike-time resolution"),
+    "nwb behaviour beyond memory": (_nwb_without_resolution, ["--bin-size", "1e-7", "--units", "all"], 1,
+                                    "GiB of memory, more than 1 GiB; use a larger --bin-size or select fewer "
+                                    "series with --behavior NAME"),
     "bin size 1e-400": (PHY, ["--bin-size", "1e-400"], 2, "--bin-size 1e-400: out of range"),
     "bin size 1e999999999": (PHY, ["--bin-size", "1e999999999"], 2, "--bin-size 1e999999999: out of range"),
     "bin size with 40 digits": (PHY, ["--bin-size", "0.0100000000000000000000000000000000001"], 2, "--bin-size"),
@@ -190,6 +207,8 @@ BIN_CASES = {
     "params deep parentheses": (lambda s, p: _params(s, p, "(" * 300 + "1" + ")" * 300), [], 1,
                                 "params.py: cannot parse"),
     "params deep subscripts": (lambda s, p: _params(s, p, "x" + "[0]" * 100000), [], 1, "params.py: cannot parse"),
+    "params deep unary minus": (lambda s, p: _params(s, p, "-" * 100000 + "1"), [], 1,
+                                "params.py: cannot parse (an expression is nested too deeply"),
     "params huge integer": (lambda s, p: _params(s, p, "1" + "0" * 40), [], 1, "params.py: sample_rate"),
     "sample rate 1e999": (PHY, ["--sample-rate", "1e999"], 2, "--sample-rate 1e999: out of range"),
     "sample rate inf": (PHY, ["--sample-rate", "inf"], 2, "--sample-rate 'inf': not a number"),
@@ -198,6 +217,13 @@ BIN_CASES = {
     "scheduler bogus": (PHY, ["--scheduler", "bogus"], 2, "--scheduler 'bogus'"),
     "scheduler address without port": (PHY, ["--scheduler", "tcp://"], 2, "--scheduler"),
     "workers -1": (PHY, ["--workers", "-1"], 2, "--workers -1: must be between 1 and"),
+    "behavior on a phy folder": (PHY, ["--behavior", "velocity"], 2, "--behavior applies to NWB files only"),
+    "behavior on an npz": (lambda s, p: _npz(p, counts=C, bin_size=0.1), ["--behavior", "v"], 2,
+                           "--behavior applies to NWB files only"),
+    "behavior name missing": (NWB, ["--behavior", "speed", "--units", "all"], 1,
+                              "session.nwb has no TimeSeries of that name; its TimeSeries are: "
+                              "position (SpatialSeries), velocity (TimeSeries)"),
+    "behavior empty name": (NWB, ["--behavior", ""], 2, "--behavior: empty name"),
     "workers 0": (PHY, ["--workers", "0"], 2, "--workers 0"),
     "workers text": (PHY, ["--workers", "many"], 2, "--workers 'many'"),
     "npz bin_size string": (lambda s, p: _npz(p, counts=C, bin_size=np.array("0.1")), [], 1, "'bin_size' must be"),
@@ -423,3 +449,78 @@ def test_shard_images_bad_input_is_one_line(tmp_path, capsys, case):
     assert run_cli(shard_images.main, [str(build(tmp_path)), "--out", str(out), "--no-progress"], "shard_images") == 1
     assert_one_line(capsys, "shard_images", needle)
     assert_nothing_written(out)
+
+
+def _shard_set(tmp_path: Path) -> Path:
+    """A tiny MNIST-like set sharded 2 images per tar: returns its train/ folder."""
+    rng = np.random.default_rng(0)
+    folder = _mnist(tmp_path, (6, 4, 4), rng.integers(0, 255, 96, dtype=np.uint8).tobytes())
+    out = tmp_path / "o"
+    assert run_cli(shard_images.main, [str(folder), "--out", str(out), "--shard-size", "2", "--no-progress"],
+                   "shard_images") == 0
+    return out / "train"
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda tar: tar.write_bytes(tar.read_bytes()[:1000]), "shard-000001.tar: 1000 bytes, index.json says"),
+    (lambda tar: tar.write_bytes(tar.read_bytes()[:512]), "shard-000001.tar: 512 bytes"),  # on a tar block edge
+    (lambda tar: tar.write_bytes(tar.read_bytes() + bytes(512)), "(truncated or replaced)"),
+    (lambda tar: tar.unlink(), "shard-000001.tar: missing (index.json lists it)"),
+], ids=["truncated", "truncated-on-a-block", "grown", "deleted"])
+def test_damaged_shard_is_refused_when_the_set_is_opened(tmp_path, damage, needle):
+    """index.json records each tar's size: a damaged shard is found by one listing, before
+    a trainer starts (a stream would otherwise meet it mid-run)."""
+    from preprocess.errors import UserError
+    from preprocess.shard_format import read_index
+
+    train = _shard_set(tmp_path)
+    assert [s["samples"] for s in read_index(str(train))["shards"]] == [2, 2, 2]
+    damage(train / "shard-000001.tar")
+    with pytest.raises(UserError, match=re.escape(needle)):
+        read_index(str(train))
+
+
+def test_shard_set_without_sizes_is_read_as_before(tmp_path):
+    import json
+
+    from preprocess.shard_format import iter_samples, read_index
+
+    train = _shard_set(tmp_path)
+    index = json.loads((train / "index.json").read_text())
+    for shard in index["shards"]:
+        del shard["bytes"]  # written before the field existed
+    (train / "index.json").write_text(json.dumps(index))
+    assert read_index(str(train))["num_samples"] == 6 and len(list(iter_samples(str(train)))) == 6
+
+
+# --------------------------------------------------------------------------- the last resort
+
+
+def _chained_thread_failure(argv):
+    try:
+        raise RuntimeError("can't start new thread")
+    except RuntimeError:  # what a producer's cleanup raised when its thread never started
+        raise RuntimeError("cannot join thread before it is started")
+
+
+def _raise(error):
+    def main(argv):
+        raise error
+    return main
+
+
+@pytest.mark.parametrize("main, needle", [
+    (_raise(MemoryError()), "out of memory (MemoryError)"),
+    (_raise(RuntimeError("can't start new thread")), "cannot start a thread (out of memory or a thread limit)"),
+    (_chained_thread_failure, "cannot start a thread"),
+    (_raise(ImportError("/x/_sparsetools.so: failed to map segment from shared object")),
+     "cannot load a shared library: out of address space"),
+], ids=["memory", "thread", "thread-while-cleaning-up", "shared-library"])
+def test_running_out_of_resources_is_one_line(capsys, main, needle):
+    assert run_cli(main, [], "prog") == 1
+    assert_one_line(capsys, "prog", needle)
+
+
+def test_other_errors_keep_their_traceback():
+    with pytest.raises(ZeroDivisionError):
+        run_cli(_raise(ZeroDivisionError("a bug")), [], "prog")

@@ -490,6 +490,39 @@ def test_nwb_voltage_is_not_behaviour_and_behaviour_is_read_in_chunks(tmp_path, 
     np.testing.assert_allclose(chunked["behavior/velocity"][:], v, rtol=1e-6)
 
 
+@pytest.fixture(scope="module")
+def voltage_nwb(tmp_path_factory):
+    path = tmp_path_factory.mktemp("voltage") / "v.nwb"
+    _, vel = _nwb_with_voltage(path, duration_s=5.0)
+    return path, vel
+
+
+@pytest.mark.parametrize("names, stored", [
+    (["velocity"], ["velocity"]),
+    (["raw"], ["raw"]),  # named explicitly, voltage is binned too
+    (["lfp", "velocity", "lfp"], ["lfp", "velocity"]),  # repeatable; a repeated name counts once
+])
+def test_nwb_behavior_option_bins_only_the_named_series(voltage_nwb, tmp_path, names, stored):
+    path, vel = voltage_nwb
+    args = [str(path), "--out", str(tmp_path / "s.zarr"), "--bin-size", "0.1", "--units", "all"]
+    g = run_ok([*args, *[a for n in names for a in ("--behavior", n)]])
+    assert sorted(g["behavior"].keys()) == stored
+    if "velocity" in stored:
+        np.testing.assert_allclose(g["behavior/velocity"][5], vel[50:60].mean(0), rtol=1e-5)
+    if "raw" in stored:
+        assert g["behavior/raw"].shape == (g["counts"].shape[0], 4)  # 4 channels of 1 kHz raw, averaged
+
+
+def test_nwb_behavior_option_unknown_name_lists_the_series(voltage_nwb, tmp_path, capsys):
+    path, _ = voltage_nwb
+    out = tmp_path / "s.zarr"
+    assert run([str(path), "--out", str(out), "--units", "all", "--behavior", "velocity", "--behavior", "speed"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"bin_spikes: error: --behavior speed: {path} has no TimeSeries of that name; its TimeSeries "
+                   "are: laser (IntervalSeries), lfp (ElectricalSeries), raw (ElectricalSeries), velocity (TimeSeries)")
+    assert not out.exists()
+
+
 def test_uint16_counts_chunks_are_at_least_one_mib(tmp_path):
     counts = np.random.default_rng(0).poisson(0.5, size=(20000, 60)).astype(np.uint16)
     np.savez(tmp_path / "b.npz", counts=counts, bin_size=0.01)

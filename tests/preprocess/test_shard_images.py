@@ -138,7 +138,8 @@ def test_real_mnist_t10k_pixel_exact(tmp_path):
     out = str(tmp_path / "mnist" / "test")
     index = read_index(out)
     assert index["num_samples"] == 10_000 and index["image_mode"] == "L"
-    assert index["shards"] == [{"name": f"shard-{i:06d}.tar", "samples": 2500} for i in range(4)]
+    assert index["shards"] == [{"name": f"shard-{i:06d}.tar", "samples": 2500,
+                                "bytes": os.path.getsize(f"{out}/shard-{i:06d}.tar")} for i in range(4)]
     assert index["classes"] == [str(c) for c in range(10)] and index["source"]["format"] == "mnist"
     decoded = np.empty_like(images)
     got_labels = np.empty_like(labels)
