@@ -12,13 +12,13 @@ The representation read out is y = f(x), as for every method. No target network.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .encoders import MLPEncoder
+from .methods import SingleNetworkMethod
 
 __all__ = ["AutoEncoder", "reconstruction_loss"]
 
@@ -30,30 +30,19 @@ def reconstruction_loss(x_hat: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return F.mse_loss(x_hat.float(), target.float())
 
 
-class AutoEncoder(nn.Module):
+class AutoEncoder(SingleNetworkMethod):
     """Encoder f + decoder d (an :class:`~model.encoders.MLPEncoder` from D to ``out_units``).
 
     ``forward(x, target, mode="reconstruction_loss", return_representation=True)`` ->
     (loss, y (B, D)); ``forward(x)`` -> f(x) (B, D).
     """
 
+    modes = ("reconstruction_loss",)
+
     def __init__(self, encoder: nn.Module, out_units: int, hidden_dim: int = 64, num_blocks: int = 3):
         super().__init__()
         self.encoder = encoder
         self.decoder = MLPEncoder(int(getattr(encoder, "out_dim")), hidden_dim, num_blocks, int(out_units))
-
-    def online_parameters(self) -> Iterator[nn.Parameter]:
-        return self.parameters()
-
-    def update_target(self, tau: float) -> None:
-        """The AE has no target network."""
-
-    def forward(self, *args, mode: str = "represent", **kwargs):
-        if mode == "represent":
-            return self.encoder(*args)
-        if mode == "reconstruction_loss":
-            return self.reconstruction_loss(*args, **kwargs)
-        raise ValueError(f"AutoEncoder: unknown mode {mode!r}")
 
     def reconstruction_loss(self, x: torch.Tensor, target: torch.Tensor, return_representation: bool = False):
         y = self.encoder(x)

@@ -92,3 +92,26 @@ class Method(Protocol):
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict, strict: bool = True): ...
+
+
+class SingleNetworkMethod(nn.Module):
+    """Base of the methods without a target network (SimCLR, RP, TS, AE, pi-VAE): the optimizer
+    trains every parameter, :meth:`update_target` is a no-op, and ``forward`` dispatches on
+    ``mode``: "represent" -> ``self.encoder(x)`` (what the read-outs embed with), a name in
+    ``modes`` -> that method (every computation with a gradient goes through ``forward`` so
+    that DDP sees it)."""
+
+    modes: tuple[str, ...] = ()
+
+    def online_parameters(self) -> Iterator[nn.Parameter]:
+        return self.parameters()
+
+    def update_target(self, tau: float) -> None:
+        """No target network."""
+
+    def forward(self, *args, mode: str = "represent", **kwargs):
+        if mode == "represent":
+            return self.encoder(*args)
+        if mode in self.modes:
+            return getattr(self, mode)(*args, **kwargs)
+        raise ValueError(f"{type(self).__name__}: unknown mode {mode!r}; one of represent, {', '.join(self.modes)}")

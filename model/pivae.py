@@ -21,12 +21,12 @@ no label enters (m_x is linear in it, so a linear read-out of y contains m_x's).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from .encoders import MLPEncoder
+from .methods import SingleNetworkMethod
 
 __all__ = ["PiVAE", "gaussian_product", "gaussian_kl", "poisson_nll", "pivae_loss"]
 
@@ -56,13 +56,15 @@ def pivae_loss(log_rate, counts, m_q, logv_q, m_p, logv_p, kl_weight: float = 1.
     return nll + kl_weight * kl, nll, kl
 
 
-class PiVAE(nn.Module):
+class PiVAE(SingleNetworkMethod):
     """Encoder f, the posterior heads, the label prior and the decoder g.
 
     ``forward(x, counts, labels, mode="elbo_loss", generator=g)`` -> (loss, y (B, D), nll, kl);
     ``labels`` (B,) int64 in 0..n_classes-1, or -1 (unknown: the extra prior row).
     ``forward(x)`` -> f(x) (B, D).
     """
+
+    modes = ("elbo_loss",)
 
     def __init__(self, encoder: nn.Module, out_units: int, n_classes: int, latent_dim: int = 32,
                  hidden_dim: int = 64, num_blocks: int = 2, kl_weight: float = 1.0):
@@ -76,19 +78,6 @@ class PiVAE(nn.Module):
         self.prior_logvar = nn.Embedding(n_classes + 1, latent_dim)
         nn.init.zeros_(self.prior_logvar.weight)
         self.decoder = MLPEncoder(latent_dim, hidden_dim, num_blocks, int(out_units))
-
-    def online_parameters(self) -> Iterator[nn.Parameter]:
-        return self.parameters()
-
-    def update_target(self, tau: float) -> None:
-        """pi-VAE has no target network."""
-
-    def forward(self, *args, mode: str = "represent", **kwargs):
-        if mode == "represent":
-            return self.encoder(*args)
-        if mode == "elbo_loss":
-            return self.elbo_loss(*args, **kwargs)
-        raise ValueError(f"PiVAE: unknown mode {mode!r}")
 
     def elbo_loss(self, x: torch.Tensor, counts: torch.Tensor, labels: torch.Tensor,
                   generator: torch.Generator | None = None):

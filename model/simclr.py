@@ -12,13 +12,14 @@ The representation read out is y = f(x), as for MYOW/BYOL. No target network: th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .heads import MLPHead
+from .methods import SingleNetworkMethod
 
 __all__ = ["SimCLR", "nt_xent_loss"]
 
@@ -49,7 +50,7 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -
     return F.cross_entropy(logits, positives)
 
 
-class SimCLR(nn.Module):
+class SimCLR(SingleNetworkMethod):
     """Encoder f + projector g = MLP(D, hidden, Z), trained with :func:`nt_xent_loss`.
 
     ``forward(x1, x2, mode="contrastive_loss", return_representation=True)`` -> (loss, y1 (B, D));
@@ -57,25 +58,14 @@ class SimCLR(nn.Module):
     ``forward`` so that DDP sees it.
     """
 
+    modes = ("contrastive_loss",)
+
     def __init__(self, encoder: nn.Module, projector_dims: tuple[int, int], temperature: float = 0.1):
         super().__init__()
         out_dim = int(getattr(encoder, "out_dim"))
         self.encoder = encoder
         self.projector = MLPHead(out_dim, int(projector_dims[0]), int(projector_dims[1]))
         self.temperature = float(temperature)
-
-    def online_parameters(self) -> Iterator[nn.Parameter]:
-        return self.parameters()
-
-    def update_target(self, tau: float) -> None:
-        """SimCLR has no target network."""
-
-    def forward(self, *args, mode: str = "represent", **kwargs):
-        if mode == "represent":
-            return self.encoder(*args)
-        if mode == "contrastive_loss":
-            return self.contrastive_loss(*args, **kwargs)
-        raise ValueError(f"SimCLR: unknown mode {mode!r}")
 
     def contrastive_loss(self, x1: torch.Tensor, x2: torch.Tensor, return_representation: bool = False,
                          gather: Callable[[torch.Tensor], torch.Tensor] | None = None):

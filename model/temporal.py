@@ -15,11 +15,12 @@ representation read out is y = f(x). No target network.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .methods import SingleNetworkMethod
 
 __all__ = ["TemporalContrast", "rp_features", "ts_features", "temporal_loss", "TEMPORAL_TASKS"]
 
@@ -43,12 +44,14 @@ def temporal_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
 
 
-class TemporalContrast(nn.Module):
+class TemporalContrast(SingleNetworkMethod):
     """Encoder f + the linear contrastive module of RP (``task`` "rp") or TS ("ts").
 
     ``forward(x1, x2, x3, labels, mode="temporal_loss")`` -> (loss, y1 (B, D), pretext
     accuracy (scalar tensor)); x3 is None for RP. ``forward(x)`` -> f(x).
     """
+
+    modes = ("temporal_loss",)
 
     def __init__(self, encoder: nn.Module, task: str = "rp"):
         super().__init__()
@@ -57,19 +60,6 @@ class TemporalContrast(nn.Module):
         out_dim = int(getattr(encoder, "out_dim"))
         self.encoder, self.task = encoder, task
         self.head = nn.Linear(out_dim if task == "rp" else 2 * out_dim, 1)
-
-    def online_parameters(self) -> Iterator[nn.Parameter]:
-        return self.parameters()
-
-    def update_target(self, tau: float) -> None:
-        """RP and TS have no target network."""
-
-    def forward(self, *args, mode: str = "represent", **kwargs):
-        if mode == "represent":
-            return self.encoder(*args)
-        if mode == "temporal_loss":
-            return self.temporal_loss(*args, **kwargs)
-        raise ValueError(f"TemporalContrast: unknown mode {mode!r}")
 
     def temporal_loss(self, x1: torch.Tensor, x2: torch.Tensor, x3: torch.Tensor | None, labels: torch.Tensor):
         if (x3 is None) != (self.task == "rp"):

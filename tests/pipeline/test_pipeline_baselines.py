@@ -17,7 +17,7 @@ from pipeline.methods import build_method
 from pipeline_helpers import REPO, make_store, tiny_overrides, train_killed_at_fetch
 from preprocess.errors import UserError
 
-BASELINES = {"rp": {}, "ts": {}, "ae": {}, "pivae": {"method.label_classes": 8}}
+BASELINES = {"rp": {}, "ts": {}, "ae": {}, "pivae": {"method.label_classes": 8}}  # SimCLR: test_pipeline_simclr
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def store(tmp_path_factory) -> str:
 
 def _overrides(store, run_dir, name, steps=12, **extra):
     return tiny_overrides(store, run_dir, steps=steps, **{"method.name": name, "data.min_speed": 0.0,
-                                                           **BASELINES[name], **extra})
+                                                           **BASELINES.get(name, {}), **extra})
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -52,7 +52,7 @@ def test_baseline_trains_learns_and_reads_out(store, tmp_path, name):
         assert rows[-1]["poisson_nll"] > 0 and rows[-1]["kl"] >= 0
 
 
-@pytest.mark.parametrize("name", sorted(BASELINES))
+@pytest.mark.parametrize("name", sorted(BASELINES) + ["simclr"])
 def test_baseline_resumes_exactly(store, tmp_path, name):
     full = tmp_path / "full"
     train(build_config(overrides=_overrides(store, full, name)))

@@ -152,16 +152,21 @@ def _run_step(net, opt, anchors, pool, cfg, plan, gather):
     return train_step(net, opt, anchors, pool, 0, cfg, torch.Generator().manual_seed(0), plan=plan, gather=gather)
 
 
-def test_two_ranks_mine_in_the_global_pool_like_one_rank(tmp_path):
+def _spawn_two_ranks(target, tmp_path: Path, name: str) -> list[dict]:
+    """Run ``target(rank, 2, port, out_dir)`` in 2 spawned processes; their saved ``name{rank}.pt``."""
     ctx = torch.multiprocessing.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_rank_step, args=(r, 2, port, str(tmp_path))) for r in range(2)]
+    procs = [ctx.Process(target=target, args=(r, 2, port, str(tmp_path))) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(120)
         assert p.exitcode == 0
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    return [torch.load(tmp_path / f"{name}{r}.pt", weights_only=True) for r in range(2)]
+
+
+def test_two_ranks_mine_in_the_global_pool_like_one_rank(tmp_path):
+    ranks = _spawn_two_ranks(_rank_step, tmp_path, "rank")
 
     # the same global pool of 2 x L in one process: each rank's anchors give that rank's losses
     for r in range(2):
@@ -369,15 +374,7 @@ def test_simclr_negatives_come_from_every_rank(tmp_path):
     from pipeline.baseline_steps import contrastive_step
     from pipeline.step import Plan
 
-    ctx = torch.multiprocessing.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_simclr_rank_step, args=(r, 2, port, str(tmp_path))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-        assert p.exitcode == 0
-    ranks = [torch.load(tmp_path / f"simclr{r}.pt", weights_only=True) for r in range(2)]
+    ranks = _spawn_two_ranks(_simclr_rank_step, tmp_path, "simclr")
     model, opt, anchors, cfg = _simclr_inputs(range(2))
     plan = Plan(steps_per_epoch=1, total_steps=10, warmup_steps=0, mining_warmup_steps=0, mining_ramp_steps=0,
                 min_time_gap_s=0.0)
