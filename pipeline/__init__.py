@@ -1,14 +1,14 @@
-"""Training and evaluation pipeline for MYOW on recording stores.
+"""Training and evaluation pipeline: recording stores and image shards in, runs out.
 
-    config.py      Config (one dataclass per stage), YAML + ``--set key=value`` overrides
-    data.py        store -> splits, normalisation, augmentations, AnchorSampler + PoolSampler
-    build.py       model / optimizer factories
-    train.py       ``python -m pipeline.train``: train_step (one MYOW/BYOL step) + the loop
-    evaluate.py    ``python -m pipeline.evaluate``: frozen encoder -> read-outs, embeddings, plots
-    checkpoint.py  atomic checkpoints (weights_only loading), RNG states
-    metrics.py     Prometheus endpoint (metrics.port)
-    supervised.py  supervised MLP baseline (method.name: supervised)
-    demo.py        the embedded demo (``python -m pipeline.train`` with no arguments)
+    train.py, evaluate.py, demo.py   the CLIs (parse and dispatch)
+    loop.py        the training loop; startup.py: everything checked before a run writes
+    methods.py     the one module that knows the methods (MYOW, BYOL, SimCLR, RP, TS, AE,
+                   pi-VAE, supervised); step.py / baseline_steps.py: their optimizer steps
+    kinds.py       the one module that knows the data kinds; data/: both kinds' streams
+    readout/       the read-outs (probes, neural, images, pictures, runs)
+    config.py (+ config_parse.py), build.py, checkpoint.py, distributed.py, metrics.py,
+    runtime.py, cli.py, supervised.py
 
-Dependencies point one way: ``pipeline -> model`` and ``pipeline -> preprocess`` (store schema).
+README "Layout" has the import rules. Dependencies point one way: ``pipeline -> model`` and
+``pipeline -> preprocess`` (store schema, errors).
 """
