@@ -1,14 +1,28 @@
-"""What the quality benchmarks share: running independent training runs in parallel
-processes, and paired differences with a t confidence interval."""
+"""What the quality benchmarks share: a store for a recording given as an .npz, running
+independent training runs in parallel processes, and paired differences with a t confidence
+interval."""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import math
 import multiprocessing as mp
+import os
 import statistics
 import sys
 from typing import Callable
+
+
+def prepare_store(path: str, tmp: str, index: int = 0) -> str:
+    """A recording store for ``path``: a store is used as is, an .npz is binned into ``tmp``."""
+    if not path.endswith(".npz"):
+        return path
+    from preprocess.bin_spikes import main as bin_main
+
+    store = os.path.join(tmp, f"rec{index}.zarr")
+    if bin_main([path, "--out", store, "--no-progress"]) != 0:
+        raise SystemExit(f"{path}: could not build a store")
+    return store
 
 
 def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float, float]:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import prepare_store  # noqa: E402
 from model import exclusion_mask  # noqa: E402
 from pipeline.build import build_model, build_optimizer  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
@@ -96,13 +97,7 @@ def main() -> None:
     set_threads(0)
     torch.set_flush_denormal(True)
     with tempfile.TemporaryDirectory() as tmp:
-        store = args.data
-        if store.endswith(".npz"):
-            from preprocess.bin_spikes import main as bin_main
-
-            store = str(Path(tmp) / "rec.zarr")
-            if bin_main([args.data, "--out", store, "--no-progress"]) != 0:
-                raise SystemExit("could not build the store")
+        store = prepare_store(args.data, tmp)
         base = load_config(args.config, [f"data.path={store}"])
         tr, va, te = base.data.split
         common = [f"data.path={store}", f"data.split=[{tr + va},0.0,{te}]", "run.progress=false"]

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import statistics
 import sys
 import tempfile
@@ -36,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import summarize, t_interval  # noqa: E402
+from benchmarks.common import prepare_store, summarize, t_interval  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.augment import Normalization  # noqa: E402
 from pipeline.data.recording import load_recording  # noqa: E402
@@ -88,13 +87,7 @@ def paired(a: list[dict], b: list[dict], key: str = "reach_acc") -> dict:
 
 
 def run_recording(path: str, args, tmp: str, index: int) -> dict:
-    from preprocess.bin_spikes import main as bin_main
-
-    store = path
-    if path.endswith(".npz"):
-        store = os.path.join(tmp, f"rec{index}.zarr")
-        if bin_main([path, "--out", store, "--no-progress"]) != 0:
-            raise SystemExit(f"{path}: could not build the store")
+    store = prepare_store(path, tmp, index)
     out: dict = {"data": path}
     runs = {}
     for method in args.methods:

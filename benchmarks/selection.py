@@ -40,21 +40,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import run_jobs, t_interval  # noqa: E402
+from benchmarks.common import prepare_store, run_jobs, t_interval  # noqa: E402
 
 CHEWIE = ROOT.parent / "shared" / "data" / "reach-chewie-2013-10-03" / "chewie-2013-10-03-binned-100ms.npz"
-
-
-def prepare_store(path: str, tmp: str, index: int) -> str:
-    """A recording store for ``path``: a store is used as is, an .npz is binned into ``tmp``."""
-    if not path.endswith(".npz"):
-        return path
-    from preprocess.bin_spikes import main as bin_main
-
-    store = os.path.join(tmp, f"rec{index}.zarr")
-    if bin_main([path, "--out", store, "--no-progress"]) != 0:
-        raise SystemExit(f"{path}: could not build a store")
-    return store
 
 
 def run_one(job: dict) -> dict:

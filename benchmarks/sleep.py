@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import run_jobs, summarize  # noqa: E402
+from benchmarks.common import prepare_store, run_jobs, summarize  # noqa: E402
 
 SLEEP = ROOT.parent / "shared" / "data" / "sleep-mouse-ca1-12h" / "mouse-ca1-12h-4s.npz"
 KEYS = ("weighted_f1", "macro_f1", "accuracy", "val_weighted_f1")
@@ -99,11 +98,7 @@ def main() -> None:
                     "overrides": args.overrides, "paper_weighted_f1": PAPER}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        from preprocess.bin_spikes import main as bin_main
-
-        store = os.path.join(tmp, "sleep.zarr")
-        if bin_main([args.data, "--out", store, "--no-progress"]) != 0:
-            raise SystemExit("could not build the store")
+        store = prepare_store(args.data, tmp)
         jobs = [{"method": m, "seed": s, "store": store, "tmp": tmp, "threads": threads, "overrides": args.overrides}
                 for s in args.seeds for m in args.methods if not (m == "raw" and s != args.seeds[0])]
         runs = run_jobs(run_one, jobs, args.jobs, lambda r: f"{r['method']} seed {r['seed']}: weighted F1 "

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -28,6 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import prepare_store  # noqa: E402
 from model import MYOW, SmallConvNet, exclusion_mask, mine_views  # noqa: E402
 from pipeline.build import build_model, build_optimizer  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
@@ -110,11 +110,7 @@ def main() -> None:
     torch.set_flush_denormal(True)
     result: dict = {"benchmark": "step", "threads": threads, "steps": args.steps}
     with tempfile.TemporaryDirectory() as tmp:
-        from preprocess.bin_spikes import main as bin_main
-
-        store = os.path.join(tmp, "reach.zarr")
-        if bin_main([args.data, "--out", store, "--no-progress"]) != 0:
-            raise SystemExit("could not build the store")
+        store = prepare_store(args.data, tmp)
         med = interleaved({"myow_separate": neural_stepper(store, "myow", "separate"),
                            "myow_anchor": neural_stepper(store, "myow", "anchor"),
                            "byol": neural_stepper(store, "byol", "separate")}, args.steps, args.warmup)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import run_jobs, summarize  # noqa: E402
+from benchmarks.common import prepare_store, run_jobs, summarize  # noqa: E402
 
 CHEWIE = ROOT.parent / "shared" / "data" / "reach-chewie-2013-10-03" / "chewie-2013-10-03-binned-100ms.npz"
 KEYS = ("reach_acc", "reach_delta_acc", "reach_val_acc")
@@ -102,15 +101,9 @@ def main() -> None:
         names = [f"{i}:{n}" for i, n in enumerate(names)]
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        from preprocess.bin_spikes import main as bin_main
-
         jobs = []
         for i, (path, name) in enumerate(zip(args.data, names)):
-            store = path
-            if path.endswith(".npz"):
-                store = os.path.join(tmp, f"rec{i}.zarr")
-                if bin_main([path, "--out", store, "--no-progress"]) != 0:
-                    raise SystemExit(f"{path}: could not build the store")
+            store = prepare_store(path, tmp, i)
             jobs += [{"recording": name, "method": m, "seed": s, "store": store, "tmp": tmp, "threads": threads,
                       "overrides": args.overrides}
                      for s in args.seeds for m in args.methods if not (m == "raw" and s != args.seeds[0])]

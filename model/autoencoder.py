@@ -12,7 +12,6 @@ The representation read out is y = f(x), as for every method. No target network.
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn

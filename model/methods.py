@@ -22,8 +22,8 @@ from typing import Protocol
 from torch import nn
 
 METHOD_NAMES = ("myow", "byol", "simclr", "rp", "ts", "ae", "pivae", "supervised")
+NEURAL_ONLY_METHODS = ("supervised", "rp", "ts", "ae", "pivae")  # binned recordings only, never images
 TEMPORAL_VIEWS = ("pairs", "triplets")  # DataNeeds.temporal
-TARGET_VIEWS = ("clean", "counts")  # DataNeeds.target_view
 
 
 @dataclass(frozen=True)

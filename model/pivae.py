@@ -21,7 +21,6 @@ no label enters (m_x is linear in it, so a linear read-out of y contains m_x's).
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 

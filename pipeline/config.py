@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from model.methods import METHOD_NAMES
+from model.methods import METHOD_NAMES, NEURAL_ONLY_METHODS
 
 from .config_parse import ConfigError, apply_values, nest_key, parse_override, read_yaml
 
@@ -45,8 +45,6 @@ MINING_VIEWS = ("separate", "anchor")
 POOLS = ("independent", "batch")
 MINING_SPACES = ("target", "online")
 LOADINGS = ("auto", "memory", "stream")
-
-
 
 # Upper bounds checked by Config.validate: values above them cannot be meant and would
 # otherwise allocate gigabytes (or overflow) before failing with a traceback.
@@ -369,7 +367,7 @@ class Config:
         if d.kind == "images":
             need(m.encoder in IMAGE_ENCODERS, "model.encoder",
                  f"images need an image encoder ({', '.join(IMAGE_ENCODERS)}), got {m.encoder!r}")
-            need(me.name not in ("supervised", "rp", "ts", "ae", "pivae"), "method.name",
+            need(me.name not in NEURAL_ONLY_METHODS, "method.name",
                  f"{me.name} is a neural-data baseline; use myow, byol or simclr")
         elif d.kind == "neural":
             need(m.encoder == "mlp", "model.encoder", f"neural data needs the mlp encoder, got {m.encoder!r}")

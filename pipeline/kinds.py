@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from model.methods import DataNeeds
+from model.methods import NEURAL_ONLY_METHODS, DataNeeds
 from preprocess.errors import UserError
 from preprocess.shard_format import INDEX, SPLITS
 from preprocess.store import filesystem, join_url
@@ -49,9 +49,6 @@ def data_kind(cfg: Config) -> str:
         return "images" if any(fs.exists(m) for m in markers) else "neural"
     except Exception:  # noqa: BLE001 - unreachable storage: the store reader says what is wrong
         return "neural"
-
-
-NEURAL_ONLY_METHODS = ("supervised", "rp", "ts", "ae", "pivae")  # binned recordings only
 
 
 def check_kind(cfg: Config, kind: str, normalization=None) -> None:

@@ -151,8 +151,6 @@ def no_augmentation(norm: Normalization) -> Augmenter:
     return Augmenter(AugmentConfig(dropout_max=0.0, noise_std=0.0, pepper_p=0.0), norm)
 
 
-
-
 class CountsView:
     """The spike counts of the bins, rates (Hz) x bin size rounded to whole spikes: pi-VAE's
     Poisson target. Called like an :class:`Augmenter` (the generator and mask are unused)."""

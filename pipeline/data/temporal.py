@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from model.methods import TEMPORAL_VIEWS
 from preprocess.errors import UserError
 
 from .augment import Augmenter
@@ -27,9 +28,7 @@ from .jitter import draw_positives
 from .samplers import Samples
 from .sampling import MemoryAnchorSampler
 
-__all__ = ["TemporalSampler", "far_apart", "draw_far", "TEMPORAL_KINDS"]
-
-TEMPORAL_KINDS = ("pairs", "triplets")
+__all__ = ["TemporalSampler", "far_apart", "draw_far"]
 
 
 def far_apart(trial_a: torch.Tensor, time_a: torch.Tensor, trial_b: torch.Tensor, time_b: torch.Tensor,
@@ -45,11 +44,12 @@ def draw_far(anchor: torch.Tensor, trial: torch.Tensor, time: torch.Tensor, neg_
     """(B,) positions of one far bin per anchor (uniform among them, by rejection), -1 where
     ``rounds`` draws found none. ``trial``/``time`` (n,) per sample; ``anchor`` (B,) positions."""
     n = trial.shape[0]
+    trial_a, time_a = trial[anchor], time[anchor]
     out = torch.full_like(anchor, -1)
     for _ in range(rounds):
         todo = out < 0
         cand = torch.randint(n, anchor.shape, generator=generator)  # drawn for all: the stream stays aligned
-        ok = todo & far_apart(trial[anchor], time[anchor], trial[cand], time[cand], neg_gap_s, across_trials)
+        ok = todo & far_apart(trial_a, time_a, trial[cand], time[cand], neg_gap_s, across_trials)
         out = torch.where(ok, cand, out)
         if not bool((out < 0).any()):
             break
@@ -70,8 +70,8 @@ class TemporalSampler(MemoryAnchorSampler):
     def __init__(self, samples: Samples, neighbors: torch.Tensor, n_neighbors: torch.Tensor, augment: Augmenter,
                  batch_size: int, seed: int, *, order_seed: int, kind: str, neg_gap_s: float, across_trials: bool,
                  rank: int = 0, world_size: int = 1):
-        if kind not in TEMPORAL_KINDS:
-            raise ValueError(f"TemporalSampler: kind must be one of {TEMPORAL_KINDS}, got {kind!r}")
+        if kind not in TEMPORAL_VIEWS:
+            raise ValueError(f"TemporalSampler: kind must be one of {TEMPORAL_VIEWS}, got {kind!r}")
         need = 1 if kind == "pairs" else 2
         self.eligible = torch.from_numpy(np.flatnonzero(n_neighbors.numpy() >= need)).long()
         if len(self.eligible) == 0:
