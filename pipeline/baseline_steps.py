@@ -19,8 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from preprocess.errors import UserError
-
 from .config import Config
 from .step import MINING_METRICS, Plan, schedules
 
@@ -94,13 +92,10 @@ def elbo_step(model, optimizer, anchors, pool, step: int, cfg: Config, generator
               plan: Plan, gather=None, context=None, schedule=None, gather_rows=None) -> dict:
     """One pi-VAE step (:class:`model.pivae.PiVAE`): anchors = (x1 (B, N), _, counts (B, N),
     meta with ``label`` (B,)); the loss is the negative ELBO. Adds ``poisson_nll`` and ``kl``.
-    ``generator`` draws the reparameterisation noise."""
+    ``generator`` draws the reparameterisation noise. The data builder has checked that the
+    labels lie below ``method.label_classes``."""
     x1, _, counts, meta = anchors
     labels = meta["label"]
-    classes = cfg.method.label_classes
-    if bool((labels >= classes).any()):
-        raise UserError(f"method.label_classes is {classes}, but the data's main label reaches "
-                        f"{int(labels.max())}; set method.label_classes to the number of classes")
 
     def losses(m):
         loss, y, nll, kl = m(x1, counts, labels, mode="elbo_loss", generator=generator)

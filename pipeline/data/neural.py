@@ -191,6 +191,19 @@ def build_neural_train_data(cfg: Config, recording: Recording | None = None,
     return NeuralTrainData(sessions, seed=cfg.run.seed)
 
 
+def _check_trained_labels(cfg: Config, rec: Recording, mask: np.ndarray) -> None:
+    """A method that trains on the main label (pi-VAE) needs one, with its training values
+    below ``method.label_classes`` (-1 = unknown): checked before the run writes anything."""
+    name = cfg.method.name
+    if rec.main_label is None:
+        raise UserError(f"{rec.url}: method.name {name} trains on the main label, and the store has no labels; "
+                        "use a store with a label (e.g. the reach target)")
+    top = int(rec.labels[rec.main_label][mask].max())
+    if top >= cfg.method.label_classes:
+        raise UserError(f"{rec.url}: the main label '{rec.main_label}' reaches {top} on the training bins, "
+                        f"method.label_classes is {cfg.method.label_classes}; set method.label_classes={top + 1}")
+
+
 def _build_session(cfg: Config, rec: Recording, normalization: Normalization | None, rank: int, world_size: int,
                    progress: bool, in_memory: bool, needs: DataNeeds) -> SessionData:
     d = cfg.data
@@ -203,6 +216,8 @@ def _build_session(cfg: Config, rec: Recording, normalization: Normalization | N
     if normalization is not None and normalization.mean.shape[0] != rec.n_units:
         raise UserError(f"{rec.url}: has {rec.n_units} units, the checkpoint's normalisation "
                         f"{normalization.mean.shape[0]}; use the store the run was trained on")
+    if needs.labels:
+        _check_trained_labels(cfg, rec, mask)
     seed, B, sid = cfg.run.seed, cfg.optim.batch_size, rec.store_id
     anchor_seed, order_seed = derive_seed(seed, 1, rank, sid), derive_seed(seed, 4, sid)
     pool_seed = derive_seed(seed, 2, rank, sid)

@@ -86,8 +86,9 @@ def test_ae_target_is_the_clean_view_and_pivae_the_counts(store, tmp_path):
 
 def test_pivae_refuses_labels_beyond_its_classes(store, tmp_path):
     cfg = build_config(overrides=_overrides(store, tmp_path / "p", "pivae", **{"method.label_classes": 2}))
-    with pytest.raises(UserError, match="method.label_classes"):
+    with pytest.raises(UserError, match="method.label_classes=8"):
         train(cfg)
+    assert not (tmp_path / "p").exists()  # refused before the run wrote anything
 
 
 def test_pivae_needs_its_classes_and_baselines_refuse_images():
