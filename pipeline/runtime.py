@@ -4,10 +4,13 @@ names, batches to the device, and the per-thread intra-op limit of the augmentin
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import random
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -102,3 +105,41 @@ def limit_intra_op_threads(n: int | None) -> None:
         torch.set_num_threads(int(n))
 
 
+
+
+# --------------------------------------------------------------------------- logging
+
+
+class _Hold(logging.Handler):
+    """Keeps records below ``release_at``; passes the others to the root logger at once."""
+
+    def __init__(self, release_at: int) -> None:
+        super().__init__(logging.NOTSET)
+        self.release_at = release_at
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= self.release_at:
+            logging.getLogger().handle(record)
+        else:
+            self.records.append(record)
+
+
+@contextlib.contextmanager
+def held_logs(name: str = "pipeline", release_at: int = logging.WARNING) -> Iterator[None]:
+    """Hold the INFO records of logger ``name`` (and its children) while a run starts: they
+    are passed on if the block succeeds and dropped if it raises, so a run refused after
+    its data loaded says one line on stderr (the error), not "loaded ..." then the error.
+    Records at ``release_at`` and above pass at once (a warning is never held back)."""
+    logger = logging.getLogger(name)
+    hold = _Hold(release_at)
+    propagate = logger.propagate
+    logger.propagate = False
+    logger.addHandler(hold)
+    try:
+        yield
+    finally:
+        logger.removeHandler(hold)
+        logger.propagate = propagate
+    for record in hold.records:  # only reached when the block succeeded
+        logging.getLogger().handle(record)

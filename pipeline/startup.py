@@ -43,7 +43,7 @@ from .distributed import DistEnv, barrier, broadcast_object, init_distributed, w
 from .kinds import build_train_data
 from .methods import MethodSpec, build_method
 from .metrics import NullMetrics, make_metrics
-from .runtime import default_run_dir, seed_everything, set_threads
+from .runtime import default_run_dir, held_logs, seed_everything, set_threads
 from .step import Plan
 
 log = logging.getLogger("pipeline.train")
@@ -280,58 +280,61 @@ def start_run(cfg: Config, data: TrainData | None = None, env: DistEnv | None = 
     config_path = run_dir / "config.yaml"
     had_config = config_path.exists()
     metrics_path = run_dir / "metrics.jsonl"
-    try:
-        # the stored normalisation (a checkpoint's state) is reused as is: before the run dir,
-        # so a bad store or shard set leaves nothing behind
-        data = data or build_train_data(cfg, normalization=resume["normalization"] if resume else None,
-                                        rank=env.rank, world_size=env.world_size,
-                                        progress=cfg.run.progress and env.is_main, needs=method.needs)
-        if resume and resume.get("data_kind", "neural") != data.kind:
-            raise UserError(f"{ckpt_path}: written by a run on {resume.get('data_kind', 'neural')} data, data.path "
-                            f"is {data.kind} data; resume with the same data, or use another run.dir to start over")
-        if data.kind == "images" and device.type == "cpu":  # leave a core to the augmenting threads
-            threads = set_threads(cfg.run.threads, images=True)
-        if device.type == "cuda":
-            data.pin_memory()
-        plan = Plan.build(cfg, data.steps_per_epoch, data.sessions[0].min_time_gap_s)
-        plans = [dataclasses.replace(plan, min_time_gap_s=s.min_time_gap_s) for s in data.sessions]
-        seed_everything(cfg.run.seed)  # model initialisation: the same on every rank
-        model = method.build_model(cfg, data.model_input()).to(device)
-        channels_last = uses_channels_last(cfg, device)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        optimizer = build_optimizer(cfg, model.online_parameters())
-        mining_gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, 3, env.rank))
-        start = 0
-        if resume:
-            check_normalization(resume, data, ckpt_path)
-            start = load_resume(resume, model, optimizer, data, mining_gen, env, ckpt_path)
-            log.info("resuming %s at step %d", run_dir, start)
-        # DDP after loading: it broadcasts rank 0's weights at construction
-        net = wrap_ddp(model, env, sync_bn=cfg.run.sync_bn, find_unused_parameters=data.multi)
-        if env.is_main:  # the run has started: only now is the run directory written
-            created = create_run_dir(run_dir)
-            try:
-                atomic_write_text(config_path, dump_config(cfg))
-                for path in (metrics_path, run_dir / "evaluations.jsonl"):
-                    if resume:
-                        trim_metrics(path, start)  # lines written after the checkpoint are written again
-                    elif path.exists():
-                        path.unlink()
-            except OSError as err:
-                raise UserError(f"run.dir {run_dir}: cannot write it ({err.strerror or err}); "
-                                "choose another run.dir") from None
-        barrier(env)
-    except BaseException:
-        metrics.close()
-        if data is not None:
-            data.close()
-        if env.is_main:  # leave nothing this call created
-            if created is not None:
-                shutil.rmtree(created, ignore_errors=True)
-            elif not had_config and config_path.exists():
-                config_path.unlink()
-        raise
+    # INFO lines of the data loading are held until the run has started: a run refused
+    # after loading says one line (the error)
+    with held_logs():
+        try:
+            # the stored normalisation (a checkpoint's state) is reused as is: before the run dir,
+            # so a bad store or shard set leaves nothing behind
+            data = data or build_train_data(cfg, normalization=resume["normalization"] if resume else None,
+                                            rank=env.rank, world_size=env.world_size,
+                                            progress=cfg.run.progress and env.is_main, needs=method.needs)
+            if resume and resume.get("data_kind", "neural") != data.kind:
+                raise UserError(f"{ckpt_path}: written by a run on {resume.get('data_kind', 'neural')} data, data.path "
+                                f"is {data.kind} data; resume with the same data, or use another run.dir to start over")
+            if data.kind == "images" and device.type == "cpu":  # leave a core to the augmenting threads
+                threads = set_threads(cfg.run.threads, images=True)
+            if device.type == "cuda":
+                data.pin_memory()
+            plan = Plan.build(cfg, data.steps_per_epoch, data.sessions[0].min_time_gap_s)
+            plans = [dataclasses.replace(plan, min_time_gap_s=s.min_time_gap_s) for s in data.sessions]
+            seed_everything(cfg.run.seed)  # model initialisation: the same on every rank
+            model = method.build_model(cfg, data.model_input()).to(device)
+            channels_last = uses_channels_last(cfg, device)
+            if channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            optimizer = build_optimizer(cfg, model.online_parameters())
+            mining_gen = torch.Generator().manual_seed(derive_seed(cfg.run.seed, 3, env.rank))
+            start = 0
+            if resume:
+                check_normalization(resume, data, ckpt_path)
+                start = load_resume(resume, model, optimizer, data, mining_gen, env, ckpt_path)
+                log.info("resuming %s at step %d", run_dir, start)
+            # DDP after loading: it broadcasts rank 0's weights at construction
+            net = wrap_ddp(model, env, sync_bn=cfg.run.sync_bn, find_unused_parameters=data.multi)
+            if env.is_main:  # the run has started: only now is the run directory written
+                created = create_run_dir(run_dir)
+                try:
+                    atomic_write_text(config_path, dump_config(cfg))
+                    for path in (metrics_path, run_dir / "evaluations.jsonl"):
+                        if resume:
+                            trim_metrics(path, start)  # lines written after the checkpoint are written again
+                        elif path.exists():
+                            path.unlink()
+                except OSError as err:
+                    raise UserError(f"run.dir {run_dir}: cannot write it ({err.strerror or err}); "
+                                    "choose another run.dir") from None
+            barrier(env)
+        except BaseException:
+            metrics.close()
+            if data is not None:
+                data.close()
+            if env.is_main:  # leave nothing this call created
+                if created is not None:
+                    shutil.rmtree(created, ignore_errors=True)
+                elif not had_config and config_path.exists():
+                    config_path.unlink()
+            raise
     log.info("run %s: %s, %d steps (%d per epoch), %d rank(s), device %s, %d threads",
              run_dir, cfg.method.name, plan.total_steps, plan.steps_per_epoch, env.world_size, device, threads)
     return Run(env, device, run_dir, ckpt_path, metrics_path, resume_hint, data, method, plan, plans, model, net, optimizer,

@@ -190,17 +190,29 @@ BEHAVIOUR_CHUNK_VALUES = 1 << 22  # values of a behavioural series read at a tim
 
 
 def _all_series(nwb):
-    """(container, TimeSeries) of every TimeSeries in acquisition and the processing modules."""
+    """(unique name, TimeSeries) of every TimeSeries in acquisition and the processing modules.
+
+    The one naming rule of both modes (default and ``--behavior``): a series keeps its own
+    name; a later one of the same name is prefixed by its container (``<container>_<name>``,
+    then ``_2``, ``_3``, ... should that collide too).
+    """
     from pynwb import TimeSeries
 
     containers = list(nwb.acquisition.values())
     for module in nwb.processing.values():
         containers += list(module.data_interfaces.values())
+    taken: set[str] = set()
     for obj in containers:
         children = [obj] if isinstance(obj, TimeSeries) else [
             c for c in getattr(obj, "children", []) if isinstance(c, TimeSeries)]
         for ts in children:
-            yield obj, ts
+            name = ts.name if ts.name not in taken else f"{obj.name}_{ts.name}"
+            base, i = name, 1
+            while name in taken:
+                i += 1
+                name = f"{base}_{i}"
+            taken.add(name)
+            yield name, ts
 
 
 def _series_shape(ts) -> tuple[tuple[int, ...], np.dtype]:
@@ -217,7 +229,7 @@ def _binnable(shape: tuple[int, ...], dtype: np.dtype) -> bool:
 
 def _behaviour_series(nwb, source: str = "NWB file", names: list[str] | None = None):
     """(name, series, shape) of the TimeSeries binned as behaviour, from the processing
-    modules and acquisition; names collide -> prefixed by their container.
+    modules and acquisition, named by :func:`_all_series` (the same names in both modes).
 
     By default every numeric TimeSeries but voltage: ElectricalSeries (the raw acquisition,
     LFP, spike snippets) are skipped with an info line, as are IntervalSeries (+1/-1 interval
@@ -233,26 +245,18 @@ def _behaviour_series(nwb, source: str = "NWB file", names: list[str] | None = N
     if names is not None:
         yield from _named_series(nwb, source, names)
         return
-    seen: dict[str, int] = {}
-    for obj, ts in _all_series(nwb):
+    for name, ts in _all_series(nwb):
         if isinstance(ts, (ElectricalSeries, IntervalSeries)):
             log.info("%s: %s '%s' is not behaviour: not binned", source, type(ts).__name__, ts.name)
             continue
         shape, dtype = _series_shape(ts)
         if not _binnable(shape, dtype):
             continue
-        name = ts.name
-        if name in seen:
-            name = f"{obj.name}_{ts.name}"
-        seen[name] = 1
         yield name, ts, shape
 
 
 def _named_series(nwb, source: str, names: list[str]):
-    found: dict[str, tuple] = {}
-    for obj, ts in _all_series(nwb):
-        name = ts.name if ts.name not in found else f"{obj.name}_{ts.name}"
-        found[name] = (ts, type(ts).__name__)
+    found = {name: (ts, type(ts).__name__) for name, ts in _all_series(nwb)}
     for name in names:
         if name not in found:
             listing = ", ".join(f"{n} ({kind})" for n, (_, kind) in sorted(found.items())[:20]) or "none"

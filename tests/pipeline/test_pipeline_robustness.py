@@ -274,6 +274,47 @@ def test_bad_checkpoint_is_one_line(store, trained, tmp_path, capsys, kind, trai
         assert snapshot(run_dir) == before
 
 
+def test_resume_on_other_data_is_one_line_subprocess(tmp_path):
+    """Refused while the data loads (the store at data.path was replaced: other unit count):
+    stderr is the error alone, run as the user runs it (logging on; INFO lines of the
+    loading are held back until the run starts)."""
+    store = make_store(tmp_path / "data", n_trials=20, bins_per_trial=12, n_units=8)
+    run_dir = tmp_path / "run"
+    train_mod.train(build_config(overrides=tiny_overrides(store, run_dir, steps=2)))
+    shutil.rmtree(store)
+    assert make_store(tmp_path / "data", n_trials=20, bins_per_trial=12, n_units=10) == store
+    before = snapshot(run_dir)
+    proc = subprocess.run([sys.executable, "-m", "pipeline.train", *train_argv(store, run_dir)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and proc.stdout == "", proc.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"{TRAIN}: error: "), proc.stderr
+    assert "has 10 units" in lines[0]
+    assert snapshot(run_dir) == before
+
+
+def test_held_logs_pass_on_success_and_drop_on_error(caplog):
+    import logging
+
+    from pipeline.runtime import held_logs
+
+    log = logging.getLogger("pipeline.test_hold")
+    with caplog.at_level(logging.INFO):
+        with held_logs():
+            log.info("held")
+            log.warning("at once")
+            assert [r.getMessage() for r in caplog.records] == ["at once"]
+        assert [r.getMessage() for r in caplog.records] == ["at once", "held"]
+        caplog.clear()
+        with pytest.raises(RuntimeError):
+            with held_logs():
+                log.info("dropped")
+                raise RuntimeError
+        assert caplog.records == []
+        log.info("after")
+        assert [r.getMessage() for r in caplog.records] == ["after"]
+
+
 # --------------------------------------------------------------------------- 2. embeddings export
 
 

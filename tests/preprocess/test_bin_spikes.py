@@ -523,6 +523,32 @@ def test_nwb_behavior_option_unknown_name_lists_the_series(voltage_nwb, tmp_path
     assert not out.exists()
 
 
+def test_nwb_series_of_the_same_name_get_the_same_names_in_both_modes(tmp_path):
+    """Two 'velocity' series (acquisition and behaviour): the second is prefixed by its
+    container, and --behavior names them exactly as the default mode stores them."""
+    from datetime import datetime, timezone
+
+    from pynwb import NWBHDF5IO, NWBFile, TimeSeries
+    from pynwb.behavior import BehavioralTimeSeries
+
+    nwb = NWBFile(session_description="t", identifier="c", session_start_time=datetime(2020, 1, 1, tzinfo=timezone.utc))
+    nwb.add_unit(spike_times=np.sort(np.random.default_rng(0).uniform(0, 5, size=30)))
+    t = np.arange(0, 5, 0.01)
+    nwb.add_acquisition(TimeSeries(name="velocity", data=np.sin(t), unit="cm/s", timestamps=t))
+    module = nwb.create_processing_module("behavior", "behaviour")
+    module.add(BehavioralTimeSeries(name="wheel", time_series=[
+        TimeSeries(name="velocity", data=np.cos(t), unit="cm/s", timestamps=t)]))
+    with NWBHDF5IO(str(tmp_path / "c.nwb"), "w") as io:
+        io.write(nwb)
+    args = [str(tmp_path / "c.nwb"), "--bin-size", "0.1", "--units", "all"]
+    default = run_ok([*args, "--out", str(tmp_path / "a.zarr")])
+    assert sorted(default["behavior"].keys()) == ["velocity", "wheel_velocity"]
+    named = run_ok([*args, "--out", str(tmp_path / "b.zarr"), "--behavior", "wheel_velocity"])
+    assert sorted(named["behavior"].keys()) == ["wheel_velocity"]
+    np.testing.assert_array_equal(named["behavior/wheel_velocity"][:], default["behavior/wheel_velocity"][:])
+    np.testing.assert_allclose(default["behavior/wheel_velocity"][5], np.cos(t[50:60]).mean(), rtol=1e-5)
+
+
 def test_uint16_counts_chunks_are_at_least_one_mib(tmp_path):
     counts = np.random.default_rng(0).poisson(0.5, size=(20000, 60)).astype(np.uint16)
     np.savez(tmp_path / "b.npz", counts=counts, bin_size=0.01)
