@@ -61,14 +61,18 @@ def exclusion_mask(anchor_trial: torch.Tensor | None = None,
         if a is not None and (a.shape[0] != B or p.shape[0] != L):
             raise ValueError(f"exclusion_mask: inconsistent lengths, expected B={B}, L={L}")
 
+    # Each rule is one or two (B, L) passes, written in place: this runs every step.
     device = anchors.device
-    excluded = torch.zeros(B, L, dtype=torch.bool, device=device)
+    excluded = None
     if anchor_trial is not None:
         at = anchor_trial.to(device)
-        excluded |= (at[:, None] == pool_trial.to(device)[None, :]) & (at[:, None] >= 0)
+        excluded = at[:, None] == pool_trial.to(device)[None, :]
+        excluded &= (at >= 0)[:, None]
     if anchor_time is not None and min_time_gap > 0:
-        gap = (anchor_time.to(device)[:, None] - pool_time.to(device)[None, :]).abs()
-        excluded |= gap < min_time_gap
+        near = (anchor_time.to(device)[:, None] - pool_time.to(device)[None, :]).abs_() < min_time_gap
+        excluded = near if excluded is None else excluded.logical_or_(near)
+    if excluded is None:
+        return torch.zeros(B, L, dtype=torch.bool, device=device)
     if anchor_store is not None:
         excluded &= anchor_store.to(device)[:, None] == pool_store.to(device)[None, :]
     return excluded

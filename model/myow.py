@@ -148,9 +148,9 @@ class MYOW(nn.Module):
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(_FORWARD_MODES)}")
         return getattr(self, mode)(*args, **kwargs)
 
-    def _online_v(self, y: torch.Tensor) -> torch.Tensor:
+    def _online_v(self, y: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         if self.architecture == "cascaded":
-            return self.mined_projector(self.projector(y))
+            return self.mined_projector(self.projector(y) if z is None else z)
         if self.architecture == "parallel":
             return self.mined_projector(y)
         return self.projector(y)
@@ -163,7 +163,8 @@ class MYOW(nn.Module):
             return t["mined_projector"](y)
         return t["projector"](y)
 
-    def augmented_loss(self, x1: torch.Tensor, x2: torch.Tensor, return_representation: bool = False):
+    def augmented_loss(self, x1: torch.Tensor, x2: torch.Tensor, return_representation: bool = False,
+                       return_projection: bool = False):
         """Symmetric BYOL loss between two augmented views of the same B samples.
 
         d(q(g(f(x1))), g'(f'(x2))) + d(q(g(f(x2))), g'(f'(x1))), averaged over the batch
@@ -172,15 +173,20 @@ class MYOW(nn.Module):
 
         With ``return_representation`` also returns the online y1 = f(x1) (B, D), with
         grad: it can serve as the anchors' mining representation (myow-neuro mines with
-        view 1), which saves a third view's augmentation, forward and backward.
+        view 1), which saves a third view's augmentation, forward and backward. With
+        ``return_projection`` too, (loss, y1, z1 = g(y1) (B, P)): the cascaded mined head
+        h(g(y)) then reuses z1 instead of recomputing g (``mined_loss(..., z_m=z1)``).
         """
         y1 = self.encoder(x1)
-        p1 = self.predictor(self.projector(y1))
+        z1 = self.projector(y1)
+        p1 = self.predictor(z1)
         p2 = self.predictor(self.projector(self.encoder(x2)))
         with torch.no_grad():
             t1 = self.target["projector"](self.target["encoder"](x1))
             t2 = self.target["projector"](self.target["encoder"](x2))
         loss = losses.byol_loss(p1, t2, p2, t1)
+        if return_projection:
+            return loss, y1, z1
         return (loss, y1) if return_representation else loss
 
     @torch.no_grad()
@@ -196,14 +202,17 @@ class MYOW(nn.Module):
         return self.encoder(x_m)
 
     def mined_loss(self, y_m: torch.Tensor, target_pool_y: torch.Tensor,
-                   indices: torch.Tensor) -> torch.Tensor:
+                   indices: torch.Tensor, z_m: torch.Tensor | None = None) -> torch.Tensor:
         """Mining loss d(r(v_m), v'_m) averaged over anchors that got a mined view.
 
         Args:
-            y_m: (B, D) online representations from :meth:`online_mining_representation`.
+            y_m: (B, D) online representations from :meth:`online_mining_representation`
+                (or augmented_loss's y1 when view 1 mines).
             target_pool_y: (L, D) target representations of the (gathered) pool.
             indices: (B,) int64 from :func:`model.miner.mine_views`; -1 = no mined view,
                 that anchor is left out of the mean.
+            z_m: (B, P) g(y_m) when the caller already has it (augmented_loss's z1 when
+                y_m is y1): the cascaded head reuses it; same values, one g pass less.
 
         Returns:
             scalar in [-1, 1]; exactly 0 (still connected to h and r) when every index is -1.
@@ -216,7 +225,7 @@ class MYOW(nn.Module):
         """
         if indices.shape != (y_m.shape[0],):
             raise ValueError(f"mined_loss: indices must be ({y_m.shape[0]},), got {tuple(indices.shape)}")
-        pred = self.mined_predictor(self._online_v(y_m))                 # (B, V)
+        pred = self.mined_predictor(self._online_v(y_m, z_m))            # (B, V)
         if target_pool_y.shape[0] == 0:
             return losses.mined_loss(pred[:0], pred[:0])
         with torch.no_grad():

@@ -139,8 +139,8 @@ def train_step(model: MYOW | nn.Module, optimizer: torch.optim.Optimizer,
         group["lr"] = lr
 
     # Augmented views: symmetric BYOL loss; the online y(x1) feeds the collapse monitor and,
-    # with method.mining_view "anchor", the miner.
-    loss_aug, y1 = model(x1, x2, mode="augmented_loss", return_representation=True)
+    # with method.mining_view "anchor", the miner (and z1 = g(y1) the cascaded mined head).
+    loss_aug, y1, z1 = model(x1, x2, mode="augmented_loss", return_projection=True)
 
     stats: dict = dict.fromkeys(MINING_METRICS)
     method = cfg.method
@@ -167,7 +167,8 @@ def train_step(model: MYOW | nn.Module, optimizer: torch.optim.Optimizer,
             idx = mine_views(context.smooth(meta["row"], y_m), context.smooth(pool_meta["row"], pool_y),
                              cfg.method.k, generator, exclude)
             context.update(pool_meta["row"], pool_y)
-        loss_mined = model(y_m, pool_y, idx, mode="mined_loss")
+        # view 1 mines: its projection g(y1) is reused by the cascaded head (not recomputed)
+        loss_mined = model(y_m, pool_y, idx, z_m=z1 if x_m is None else None, mode="mined_loss")
         stats = mining_stats(idx, meta, pool_meta, pool_y.shape[0])
     else:
         # Keeps the mined heads in the graph (zero gradient): DDP needs every parameter used.
