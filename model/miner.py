@@ -80,7 +80,7 @@ def exclusion_mask(anchor_trial: torch.Tensor | None = None,
 
 @torch.no_grad()
 def mine_views(anchors: torch.Tensor, pool: torch.Tensor, k: int, generator: torch.Generator,
-               exclude: torch.Tensor | None = None, chunk_size: int = 1024) -> torch.Tensor:
+               exclude: torch.Tensor | None = None, chunk_size: int = 1024, mutual_k: int = 0) -> torch.Tensor:
     """Randomised k-NN mining.
 
     Args:
@@ -91,7 +91,10 @@ def mine_views(anchors: torch.Tensor, pool: torch.Tensor, k: int, generator: tor
             device. Exactly B uniforms are drawn per call, whatever ``chunk_size``.
         exclude: (B, L) bool, True = candidate not allowed for that anchor, or None.
         chunk_size: anchors processed per similarity block; memory is
-            O(chunk_size x L), never B x L x D.
+            O(chunk_size x L), never B x L x D (B x L with ``mutual_k``).
+        mutual_k: > 0 keeps a candidate for an anchor only if the anchor is also among
+            the candidate's ``mutual_k`` most similar (allowed) anchors of this call:
+            mutual nearest neighbours, a precision filter. 0 = off.
 
     Returns:
         (B,) int64 indices into ``pool``. Each is drawn uniformly among the anchor's top-k
@@ -122,6 +125,8 @@ def mine_views(anchors: torch.Tensor, pool: torch.Tensor, k: int, generator: tor
         return out
 
     kk = min(k, L)
+    if mutual_k > 0:  # the column-wise ranking needs every anchor's similarity at once
+        chunk_size = B
     # float32 and no autocast: half-precision cosines tie often, which would bias top-k.
     with torch.autocast(device_type=device.type, enabled=False):
         a = F.normalize(anchors.float(), dim=1)
@@ -135,10 +140,16 @@ def mine_views(anchors: torch.Tensor, pool: torch.Tensor, k: int, generator: tor
             if exclude is not None:
                 sim.masked_fill_(exclude[start:stop], float("-inf"))
             vals, idx = sim.topk(kk, dim=1)                    # (c, kk), sorted descending
-            # Excluded candidates score -inf, so the allowed ones are a prefix of the top-k.
-            n_valid = (vals > float("-inf")).sum(dim=1)        # (c,)
+            allowed = vals > float("-inf")                     # excluded candidates score -inf
+            if mutual_k > 0:  # keep the top-k pairs where the anchor ranks in the candidate's top mutual_k
+                ranked = sim.topk(min(mutual_k, B), dim=0).indices  # (m, L) anchors per candidate
+                mutual = torch.zeros_like(sim, dtype=torch.bool).scatter_(0, ranked, True)
+                allowed &= mutual.gather(1, idx)
+            n_valid = allowed.sum(dim=1)                       # (c,)
             # floor(u * n) is uniform on {0..n-1}; the clamp guards float rounding of u * n up to n.
             pick = torch.minimum((u[start:stop] * n_valid).long(), (n_valid - 1).clamp(min=0))
-            chosen = idx.gather(1, pick[:, None]).squeeze(1)
+            # the pick-th allowed entry: without the mutual filter the allowed ones are a prefix
+            slot = pick if mutual_k <= 0 else ((allowed.cumsum(dim=1) - 1 == pick[:, None]) & allowed).long().argmax(1)
+            chosen = idx.gather(1, slot[:, None]).squeeze(1)
             out[start:stop] = torch.where(n_valid > 0, chosen, torch.full_like(chosen, -1))
     return out

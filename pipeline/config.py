@@ -38,7 +38,7 @@ IMAGE_ENCODERS = ("convnet", "resnet18", "resnet50")  # model/encoders.py; "mlp"
 ENCODERS = ("mlp", *IMAGE_ENCODERS)
 # the view transform sets of pipeline.data.image_views.TRANSFORM_SETS (kept in step by a test; listed
 # here so that reading a config never imports torch)
-TRANSFORMS = ("cifar", "imagenet", "mnist", "mnist-all", "dsprites")
+TRANSFORMS = ("cifar", "imagenet", "mnist", "mnist-all", "dsprites", "dsprites-local")
 IMAGE_SELECTIONS = ("train", "val", "test")
 ARCHITECTURES = ("cascaded", "parallel", "single")
 MINING_VIEWS = ("separate", "anchor")
@@ -152,6 +152,14 @@ class MethodConfig:
     # each sample's +-W within-trial neighbours (a bank of target representations; see
     # pipeline/context.py). 0 = single bins (paper). Sessions must be held in memory.
     mining_context_bins: int = 0
+    # Mutual neighbours: a candidate among an anchor's k nearest is kept only if that anchor
+    # is also among the candidate's mining_mutual_k nearest anchors of the batch (a
+    # precision filter; anchors left without one are dropped from the mined loss). 0 = off.
+    mining_mutual_k: int = 0
+    # With mining_context_bins: the mined loss's target is the picked candidate's context
+    # average (its +-W neighbours' banked target representations with its own) instead of
+    # the single bin. false = the single bin (what the paper predicts).
+    mining_context_target: bool = False
     # DIAGNOSTIC ONLY, never a method: mine only among candidates with the anchor's label
     # (labels are otherwise never used for training). benchmarks/mining_diagnosis.py.
     oracle: bool = False
@@ -328,6 +336,9 @@ class Config:
         need(me.mining_view in MINING_VIEWS, "method.mining_view", f"must be one of {', '.join(MINING_VIEWS)}")
         need(me.pool in POOLS, "method.pool", f"must be one of {', '.join(POOLS)}")
         need(0 <= me.mining_context_bins <= 64, "method.mining_context_bins", "must be 0..64")
+        need(0 <= me.mining_mutual_k <= MAX_SAMPLES, "method.mining_mutual_k", f"must be 0..{MAX_SAMPLES}")
+        need(not me.mining_context_target or me.mining_context_bins > 0, "method.mining_context_target",
+             "needs method.mining_context_bins > 0 (the context average it predicts)")
         need(me.mining_space in MINING_SPACES, "method.mining_space", f"must be one of {', '.join(MINING_SPACES)}")
         need(1 <= me.temporal_pos_bins <= MAX_JITTER_BINS, "method.temporal_pos_bins", f"must be 1..{MAX_JITTER_BINS}")
         need(me.temporal_pos_bins < me.temporal_neg_bins <= 2**31, "method.temporal_neg_bins",

@@ -85,6 +85,11 @@ TRANSFORM_SETS: dict[str, tuple[ViewSpec, ViewSpec, str]] = {
     # dSprites (paper App. I): binary shapes that fill a small part of the image, so the crops
     # keep at least half of it (a 0.2 crop would often miss the shape)
     "dsprites": (ViewSpec(crop_scale=(0.5, 1.0), **_CROP_ONLY), ViewSpec(crop_scale=(0.8, 1.0), **_CROP_ONLY), "mnist"),
+    # dSprites with local views: App. I runs the test where "the augmentations provided to the
+    # network are too local" to drive learning in BYOL, so T barely moves an image (crop 0.85-1,
+    # near-square ratio 0.9-1.1) and MYOW's mined views must bridge the latent holes
+    "dsprites-local": (ViewSpec(crop_scale=(0.85, 1.0), crop_ratio=(0.9, 1.1), **_CROP_ONLY),
+                       ViewSpec(crop_scale=(0.9, 1.0), **_CROP_ONLY), "mnist"),
 }
 
 NORMALIZATION_PRESETS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {

@@ -174,3 +174,25 @@ def test_exclusion_mask_argument_errors():
     with pytest.raises(ValueError):
         exclusion_mask(torch.tensor([0, 1]), torch.tensor([0]),
                        torch.tensor([0.0]), torch.tensor([0.0]), 1.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mutual_neighbours_only(seed):
+    """With mutual_k, every pick is a mutual pair (the anchor ranks among the candidate's
+    mutual_k most similar allowed anchors) and one of the anchor's top-k allowed; with
+    mutual_k >= B the filter changes nothing."""
+    g = torch.Generator().manual_seed(seed)
+    a, p = torch.randn(60, 6, generator=g), torch.randn(30, 6, generator=g)
+    exclude = torch.rand(60, 30, generator=g) < 0.2
+    k, m = 4, 2  # 30 candidates x 2 anchors each: some of the 60 anchors are left without a pair
+    idx = mine_views(a, p, k, torch.Generator().manual_seed(1), exclude, mutual_k=m)
+    sim = F.normalize(a, dim=1) @ F.normalize(p, dim=1).T
+    sim = sim.masked_fill(exclude, float("-inf"))
+    top_anchors = sim.topk(m, dim=0).indices  # (m, L)
+    assert (idx >= 0).any() and (idx == -1).any()  # a filter that keeps some and drops some
+    for i, j in enumerate(idx.tolist()):
+        if j >= 0:
+            assert not exclude[i, j] and i in top_anchors[:, j].tolist()
+            assert j in sim[i].topk(k).indices.tolist()
+    same = mine_views(a, p, k, torch.Generator().manual_seed(1), exclude)
+    assert torch.equal(mine_views(a, p, k, torch.Generator().manual_seed(1), exclude, mutual_k=60), same)

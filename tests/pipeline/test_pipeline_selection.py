@@ -5,6 +5,7 @@ label classifiers (weighted F1, class weighting, the supervised label baseline).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -193,3 +194,19 @@ def test_shipped_sleep_config_trains_with_time_exclusion_and_context(tmp_path):
     assert mined and all(r["mined_time_gap_seconds"] >= 1800 for r in mined)  # >= 30 min away
     assert {"arousal_weighted_f1", "arousal_macro_f1", "arousal_accuracy", "weighted_f1"} <= set(results)
     assert results["weighted_f1"] > 0.5
+
+
+def test_mutual_and_context_target_knobs_train_and_are_validated(tmp_path):
+    store = make_store(tmp_path, "k")
+    base = {"method.mining_context_bins": 2}
+    runs = {}
+    for name, extra in {"plain": {}, "mutual": {"method.mining_mutual_k": 2},
+                        "target": {"method.mining_context_target": True}}.items():
+        run_dir = tmp_path / name
+        train(load_config(None, tiny_overrides(store, run_dir, steps=8, **base, **extra)))
+        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = [r["loss_mined"] for r in rows if r["loss_mined"] is not None]
+        assert runs[name] and all(math.isfinite(v) for v in runs[name])
+    assert runs["mutual"] != runs["plain"] and runs["target"] != runs["plain"]  # each knob changes the step
+    with pytest.raises(ConfigError, match="method.mining_context_target"):
+        load_config(None, tiny_overrides(store, tmp_path / "x", **{"method.mining_context_target": True}))
