@@ -531,3 +531,15 @@ def test_thread_that_cannot_start_is_one_line(store, tmp_path, capsys, monkeypat
     monkeypatch.setattr(stages.Prefetcher, "_start", no_thread)
     fails(capsys, train_mod.main, train_argv(store, tmp_path / "r"), TRAIN, 1, "cannot start a thread",
           "ulimit")
+
+
+def test_thread_limit_reaches_blas_libraries_loaded_later_subprocess():
+    """set_threads(1) before scipy/scikit-learn are imported (the read-outs import them
+    lazily): their own OpenBLAS/libgomp must start with one thread too (two made every
+    logistic fit of the final read-out ~50x slower on a busy 2-core machine)."""
+    code = ("import threadpoolctl\nfrom pipeline.runtime import set_threads\nset_threads(1)\n"
+            "import sklearn.linear_model, scipy.optimize\n"
+            "print(sorted({i['num_threads'] for i in threadpoolctl.threadpool_info()}))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[1]", proc.stdout
