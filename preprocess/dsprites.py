@@ -1,12 +1,16 @@
 """``python -m preprocess.dsprites OUT``: a procedural dSprites set with latent holes (paper App. I).
 
 dSprites (Matthey et al. 2017) renders 3 shapes (square, ellipse, heart) at 6 scales,
-40 orientations and a grid of positions as binary images. The paper's App. I experiment
-tests generalisation to latent combinations never trained on: half of the orientation
-values and half of the scale values are kept (drawn with ``--seed``), the training set
-is a random ``--rate`` of the images with a kept orientation AND a kept scale, and the
-test set is drawn from the images with an orientation or a scale that was not kept
-(latent values never seen in training). The task is the shape.
+40 orientations and a grid of positions as binary images. The paper's App. I experiment:
+half of the orientation values and half of the scale values are kept (drawn with
+``--seed``), "only the corresponding images" (a kept orientation AND a kept scale) are
+considered, a random ``--rate`` of them is the training set and "the remaining images form
+the test set". ``--test kept`` (default, the paper's) therefore tests on the kept-latent
+images not sampled for training: latent combinations (e.g. positions) never trained on,
+with scale and orientation values that were. ``--test unseen`` instead tests on images
+with an orientation or a scale that was not kept (extrapolation to latent values never
+seen in training; this module's earlier behaviour). ``--test-max`` caps the test set at a
+random (seeded) subset. The task is the shape.
 
 Written through the image path (:func:`preprocess.shard_images.write_shards`), so the
 trainer reads it like any shard set: ``OUT/train/`` and ``OUT/test/`` WebDataset shards
@@ -17,7 +21,7 @@ To fit a CPU the images are ``--size`` pixels (default 32; the original 64) on a
 46,080 images instead of 737,280. The sampling design is the paper's.
 
 Usage: python -m preprocess.dsprites OUT [--rate 0.075] [--seed 0] [--size 32] [--positions 8]
-       [--test-max 3000] [--overwrite] [--no-progress]
+       [--test {kept,unseen}] [--test-max 3000] [--overwrite] [--no-progress]
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ SHAPES = ("square", "ellipse", "heart")
 N_SCALES, N_ORIENTATIONS = 6, 40
 SCALES = np.linspace(0.5, 1.0, N_SCALES)
 ORIENTATIONS = np.linspace(0.0, 2 * np.pi, N_ORIENTATIONS, endpoint=False)
+TESTS = ("kept", "unseen")  # --test: kept-latent images not trained on (the paper's), or unseen latent values
 HALF_SIZE = 0.2  # half-size of a shape at scale 1, as a fraction of the image side
 MARGIN = 0.3  # centres stay this far (a fraction of the side) from the border: no shape is cut
 
@@ -69,8 +74,15 @@ def latent_grid(positions: int) -> np.ndarray:
     return np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 5)
 
 
-def split_latents(positions: int, rate: float, seed: int, test_max: int | None) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(train latents, test latents, description) of the App. I design."""
+def split_latents(positions: int, rate: float, seed: int, test_max: int | None,
+                  test: str = "kept") -> tuple[np.ndarray, np.ndarray, dict]:
+    """(train latents, test latents, description) of the App. I design.
+
+    ``test="kept"``: the images with kept latents that were not drawn for training (the
+    paper's "remaining images"); ``test="unseen"``: the images with a scale or an
+    orientation that was not kept. ``test_max`` caps the test set (a random subset)."""
+    if test not in TESTS:
+        raise ValueError(f"test {test!r}: must be one of {', '.join(TESTS)}")
     rng = np.random.default_rng(seed)
     kept_scales = np.sort(rng.choice(N_SCALES, N_SCALES // 2, replace=False))
     kept_orient = np.sort(rng.choice(N_ORIENTATIONS, N_ORIENTATIONS // 2, replace=False))
@@ -78,12 +90,12 @@ def split_latents(positions: int, rate: float, seed: int, test_max: int | None) 
     kept = np.isin(grid[:, 1], kept_scales) & np.isin(grid[:, 2], kept_orient)
     pool = np.flatnonzero(kept)
     train = np.sort(rng.choice(pool, max(1, int(round(rate * len(pool)))), replace=False))
-    unseen = np.flatnonzero(~kept)
-    if test_max is not None and test_max < len(unseen):
-        unseen = np.sort(rng.choice(unseen, test_max, replace=False))
+    held = np.setdiff1d(pool, train) if test == "kept" else np.flatnonzero(~kept)
+    if test_max is not None and test_max < len(held):
+        held = np.sort(rng.choice(held, test_max, replace=False))
     info = {"kept_scales": kept_scales.tolist(), "kept_orientations": kept_orient.tolist(), "rate": rate,
-            "seed": seed, "images": len(grid), "kept_images": int(len(pool))}
-    return grid[train], grid[unseen], info
+            "seed": seed, "images": len(grid), "kept_images": int(len(pool)), "test": test}
+    return grid[train], grid[held], info
 
 
 def image_set(split: str, latents: np.ndarray, size: int, positions: int, description: str) -> ImageSet:
@@ -100,14 +112,19 @@ def build_parser() -> OneLineParser:
     p = OneLineParser(prog=PROG, description="Procedural dSprites (square, ellipse, heart; 6 scales, 40 "
                       "orientations, a grid of positions) with the paper's App. I latent holes, as WebDataset "
                       "shards: OUT/train (a --rate of the images whose scale and orientation were kept) and "
-                      "OUT/test (images with a scale or orientation never trained on).")
+                      "OUT/test (--test kept: the other kept-latent images, the paper's; --test unseen: images "
+                      "with a scale or orientation never trained on).")
     p.add_argument("out", metavar="OUT", help="output folder or URL prefix (OUT/train, OUT/test)")
     p.add_argument("--rate", type=float, default=0.075, help="share of the kept images trained on (paper: 0.3, "
                    "0.15, 0.075; default 0.075)")
     p.add_argument("--seed", type=int, default=0, help="draws the kept latent values and the samples")
     p.add_argument("--size", type=int, default=32, help="image side in pixels (default 32; dSprites: 64)")
     p.add_argument("--positions", type=int, default=8, help="positions per axis (default 8; dSprites: 32)")
-    p.add_argument("--test-max", type=int, default=3000, help="at most this many test images (0 = all)")
+    p.add_argument("--test", choices=TESTS, default="kept", help="test images: kept = the images with kept "
+                   "scales and orientations not drawn for training (paper App. I, default); unseen = the images "
+                   "with a scale or orientation that was not kept")
+    p.add_argument("--test-max", type=int, default=3000, help="at most this many test images, a random subset "
+                   "drawn with --seed (0 = all)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing shard set at OUT")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -124,14 +141,18 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"--positions {args.positions}: must be 1..64")
     if args.seed < 0 or args.test_max < 0:
         raise UsageError("--seed and --test-max must be >= 0")
-    train, test, info = split_latents(args.positions, args.rate, args.seed, args.test_max or None)
+    train, test, info = split_latents(args.positions, args.rate, args.seed, args.test_max or None, args.test)
+    if not len(test):
+        raise UsageError(f"--rate {args.rate} with --test {args.test}: no images are left for the test set")
     description = (f"dsprites(size={args.size}, positions={args.positions}, rate={args.rate}, seed={args.seed}, "
-                   f"kept_scales={info['kept_scales']}, kept_orientations={info['kept_orientations']})")
+                   f"test={args.test}, kept_scales={info['kept_scales']}, "
+                   f"kept_orientations={info['kept_orientations']})")
     sets = [image_set("train", train, args.size, args.positions, description),
             image_set("test", test, args.size, args.positions, description)]
     write_shards(sets, args.out, None, 10000, args.overwrite, progress=not args.no_progress)
     print(f"wrote {args.out}: {len(train)} training images (rate {args.rate} of {info['kept_images']} with kept "
-          f"latents), {len(test)} test images with unseen scales or orientations", file=sys.stderr)
+          f"latents), {len(test)} test images " + ("with kept latents not trained on" if args.test == "kept"
+                                                    else "with unseen scales or orientations"), file=sys.stderr)
     return 0
 
 
