@@ -163,6 +163,9 @@ class MethodConfig:
     # DIAGNOSTIC ONLY, never a method: mine only among candidates with the anchor's label
     # (labels are otherwise never used for training). benchmarks/mining_diagnosis.py.
     oracle: bool = False
+    # DIAGNOSTIC ONLY, with oracle: this share of the anchors (drawn each step) mine only among
+    # candidates of ANOTHER label, so the oracle's precision matches a label-free miner's.
+    oracle_error_rate: float = 0.0
     # SimCLR: temperature of the NT-Xent loss (model/simclr.py).
     temperature: float = 0.1
     # RP / TS (model/temporal.py, pipeline/data/temporal.py): close = within +-temporal_pos_bins
@@ -336,6 +339,8 @@ class Config:
         need(me.mining_view in MINING_VIEWS, "method.mining_view", f"must be one of {', '.join(MINING_VIEWS)}")
         need(me.pool in POOLS, "method.pool", f"must be one of {', '.join(POOLS)}")
         need(0 <= me.mining_context_bins <= 64, "method.mining_context_bins", "must be 0..64")
+        need(0.0 <= me.oracle_error_rate <= 1.0 and (me.oracle or me.oracle_error_rate == 0),
+             "method.oracle_error_rate", "must be in [0, 1], and needs method.oracle")
         need(0 <= me.mining_mutual_k <= MAX_SAMPLES, "method.mining_mutual_k", f"must be 0..{MAX_SAMPLES}")
         need(not me.mining_context_target or me.mining_context_bins > 0, "method.mining_context_target",
              "needs method.mining_context_bins > 0 (the context average it predicts)")

@@ -160,7 +160,11 @@ def train_step(model: MYOW | nn.Module, optimizer: torch.optim.Optimizer,
         exclude = exclusion_mask(meta["trial"], pool_meta["trial"], meta["time"], pool_meta["time"],
                                  plan.min_time_gap_s, *stores)  # (B, world_size * L) bool, True = not allowed
         if method.oracle:  # diagnostic only: candidates of another label are not allowed
-            exclude = exclude | (meta["label"][:, None] != pool_meta["label"][None, :])
+            other = meta["label"][:, None] != pool_meta["label"][None, :]
+            if method.oracle_error_rate > 0:  # ... except for anchors drawn to get a wrong-label pair
+                wrong = torch.rand(other.shape[0], generator=generator, device=generator.device) < method.oracle_error_rate
+                other = torch.where(wrong.to(other.device)[:, None], ~other, other)
+            exclude = exclude | other
         target_y = pool_y
         if context is None:
             idx = mine_views(y_m.detach(), pool_y, method.k, generator, exclude,

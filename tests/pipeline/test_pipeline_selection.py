@@ -95,7 +95,8 @@ def test_supervised_label_classifier_on_a_store_without_reach(tmp_path):
 
 @pytest.mark.parametrize("extra", [{"method.pool": "batch"}, {"method.mining_space": "online"},
                                    {"method.mining_augment": False, "method.mining_view": "separate"},
-                                   {"method.oracle": True}])
+                                   {"method.oracle": True},
+                                   {"method.oracle": True, "method.oracle_error_rate": 1.0}])
 def test_mining_options_train(tmp_path, extra):
     store = make_store(tmp_path, "m")
     cfg = load_config(None, tiny_overrides(store, tmp_path / "run", steps=12, **extra))
@@ -103,8 +104,9 @@ def test_mining_options_train(tmp_path, extra):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     mined = [r for r in rows if r["mined_valid_ratio"] is not None]
     assert mined and all(r["mined_same_trial_ratio"] == 0.0 for r in mined)
-    if extra.get("method.oracle"):
-        assert all(r["mined_label_agreement_ratio"] == 1.0 for r in mined)
+    if extra.get("method.oracle"):  # every pair right; with an error rate of 1, every pair wrong
+        expect = 0.0 if extra.get("method.oracle_error_rate") else 1.0
+        assert all(r["mined_label_agreement_ratio"] == expect for r in mined)
     assert np.isfinite(results["reach_acc"])
 
 
