@@ -115,8 +115,6 @@ def limit_intra_op_threads(n: int | None) -> None:
         torch.set_num_threads(int(n))
 
 
-
-
 # --------------------------------------------------------------------------- logging
 
 

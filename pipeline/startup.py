@@ -270,9 +270,8 @@ def start_run(cfg: Config, data: TrainData | None = None, env: DistEnv | None = 
     if cfg.run.resume and (ckpt_path.exists() or ckpt_path.is_symlink()):
         resume = load_checkpoint(ckpt_path, fix=TRAIN_FIX)
         check_resumable(resume, cfg, env.world_size, ckpt_path)
-        check_normalization(resume, None, ckpt_path)
     method = build_method(cfg)
-    if resume:
+    if resume:  # its normalisation, weights, optimizer and random states, before any data is read
         precheck_resume(resume, cfg, method, env, ckpt_path)
 
     metrics = start_metrics(cfg, env)  # a busy port or bad host fails before minutes of data loading
