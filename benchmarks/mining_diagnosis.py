@@ -14,6 +14,8 @@ Labels are only read here. For every anchor, over its allowed candidates ranked 
 - ``same_trial_raw@k``: share of the k nearest that are in the anchor's own trial when
   nothing is excluded (how much the exclusion removes);
 - ``cos@k`` vs ``cos_random``: similarity of the mined pairs against random allowed pairs;
+- ``agree@5_topQpct_conf``: agree@5 among the Q% of anchors whose nearest allowed
+  candidate is most similar (is the search more precise where it is confident?);
 - ``loss_mined``: the training step's mined loss (negative cosine) at that step.
 
 At the last step the same is measured for pools of several sizes L (``agree5_by_pool``).
@@ -48,14 +50,16 @@ KS = (1, 5, 20, 100)
 
 
 @torch.no_grad()
-def diagnose(model, anchors, pool, ks=KS, context=None) -> dict:
+def diagnose(model, anchors, pool, ks=KS, context=None, aligned=False) -> dict:
     """Mining statistics of one anchor batch against one pool (see the module docstring);
-    with a MiningContext the search uses its context averages, as the step does."""
+    with a MiningContext the search uses its context averages, as the step does (or,
+    ``aligned``, its time-aligned trajectories)."""
     x1, _, _, meta = anchors
     x_pool, pmeta = pool
     y, yp = model.encoder(x1), model.target_representation(x_pool)
     if context is not None:
-        y, yp = context.smooth(meta["row"], y), context.smooth(pmeta["row"], yp)
+        f = context.aligned if aligned else context.smooth
+        y, yp = f(meta["row"], y), f(pmeta["row"], yp)
     y, yp = F.normalize(y, dim=1), F.normalize(yp, dim=1)
     sim = y @ yp.T  # (B, L)
     excluded = exclusion_mask(meta["trial"], pmeta["trial"])
@@ -81,6 +85,14 @@ def diagnose(model, anchors, pool, ks=KS, context=None) -> dict:
     has = same_sorted.any(1)
     first = same_sorted.double().argmax(1) + 1
     out["first_same_rank"] = float(first[has].median()) if has.any() else None
+    # Is precision higher where the search is confident? Anchors ranked by the cosine of
+    # their nearest allowed candidate; agree@5 among the most confident share q of them.
+    conf = allowed_sim.gather(1, order[:, :1]).squeeze(1)
+    top5_same = same_label.gather(1, order[:, :5]).double().mean(1)
+    ranked = conf.argsort(descending=True)
+    for q in (0.25, 0.5, 0.75):
+        n = max(1, int(round(q * len(ranked))))
+        out[f"agree@5_top{int(q * 100)}pct_conf"] = float(top5_same[ranked[:n]].mean())
     out["pool_unique_share"] = float(len(torch.unique(pmeta["row"])) / len(pmeta["row"]))
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
 
@@ -122,6 +134,11 @@ def main() -> None:
             if step + 1 in at:
                 d = diagnose(model, next(diag.sessions[0].anchors), next(diag.sessions[0].pool),
                              context=s0.mining_context)
+                if s0.mining_context is not None:
+                    d_al = diagnose(model, next(diag.sessions[0].anchors), next(diag.sessions[0].pool),
+                                    context=s0.mining_context, aligned=True)
+                    d.update({f"aligned_{k}": d_al[k] for k in ("agree@1", "agree@5", "agree@20", "angle@5",
+                                                                 "agree@5_top50pct_conf")})
                 d.update(step=step + 1, loss_mined=out["loss_mined"], loss_augmented=out["loss_augmented"],
                          mined_label_agreement_ratio=out["mined_label_agreement_ratio"])
                 rows.append(d)

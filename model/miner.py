@@ -8,6 +8,8 @@ remaining top-k is drawn uniformly at random.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -80,7 +82,8 @@ def exclusion_mask(anchor_trial: torch.Tensor | None = None,
 
 @torch.no_grad()
 def mine_views(anchors: torch.Tensor, pool: torch.Tensor, k: int, generator: torch.Generator,
-               exclude: torch.Tensor | None = None, chunk_size: int = 1024, mutual_k: int = 0) -> torch.Tensor:
+               exclude: torch.Tensor | None = None, chunk_size: int = 1024, mutual_k: int = 0,
+               keep_fraction: float = 1.0) -> torch.Tensor:
     """Randomised k-NN mining.
 
     Args:
@@ -95,6 +98,10 @@ def mine_views(anchors: torch.Tensor, pool: torch.Tensor, k: int, generator: tor
         mutual_k: > 0 keeps a candidate for an anchor only if the anchor is also among
             the candidate's ``mutual_k`` most similar (allowed) anchors of this call:
             mutual nearest neighbours, a precision filter. 0 = off.
+        keep_fraction: in (0, 1]; only the ceil(keep_fraction x B') anchors (B' = those
+            with an allowed candidate) whose nearest allowed candidate is most similar keep
+            their pick, the others get -1: a confidence filter (late in training the most
+            confident anchors' picks are the most precise). 1 = off.
 
     Returns:
         (B,) int64 indices into ``pool``. Each is drawn uniformly among the anchor's top-k
@@ -105,6 +112,8 @@ def mine_views(anchors: torch.Tensor, pool: torch.Tensor, k: int, generator: tor
     """
     if k < 1:
         raise ValueError(f"mine_views: k must be >= 1, got {k}")
+    if not 0.0 < keep_fraction <= 1.0:
+        raise ValueError(f"mine_views: keep_fraction must be in (0, 1], got {keep_fraction}")
     if chunk_size < 1:
         raise ValueError(f"mine_views: chunk_size must be >= 1, got {chunk_size}")
     if anchors.dim() != 2 or pool.dim() != 2 or anchors.shape[1] != pool.shape[1]:
@@ -121,6 +130,7 @@ def mine_views(anchors: torch.Tensor, pool: torch.Tensor, k: int, generator: tor
     # picks) does not depend on chunk_size.
     u = torch.rand(B, generator=generator, device=generator.device).to(device)
     out = torch.full((B,), -1, dtype=torch.long, device=device)
+    nearest = torch.full((B,), float("-inf"), device=device)  # cosine of each anchor's nearest allowed candidate
     if B == 0 or L == 0:
         return out
 
@@ -152,4 +162,12 @@ def mine_views(anchors: torch.Tensor, pool: torch.Tensor, k: int, generator: tor
             slot = pick if mutual_k <= 0 else ((allowed.cumsum(dim=1) - 1 == pick[:, None]) & allowed).long().argmax(1)
             chosen = idx.gather(1, slot[:, None]).squeeze(1)
             out[start:stop] = torch.where(n_valid > 0, chosen, torch.full_like(chosen, -1))
+            nearest[start:stop] = vals[:, 0]
+    if keep_fraction < 1.0:
+        has = out >= 0
+        n_keep = math.ceil(keep_fraction * int(has.sum()))
+        # rank anchors by confidence; ties and anchors without a pick (-inf) go last
+        order = torch.where(has, nearest, torch.full_like(nearest, float("-inf"))).argsort(descending=True, stable=True)
+        drop = order[n_keep:]
+        out[drop] = -1
     return out

@@ -156,6 +156,10 @@ class MethodConfig:
     # is also among the candidate's mining_mutual_k nearest anchors of the batch (a
     # precision filter; anchors left without one are dropped from the mined loss). 0 = off.
     mining_mutual_k: int = 0
+    # Confidence filter: only this share of the anchors, those whose nearest allowed
+    # candidate is most similar, keep their mined view (the others are left out of the
+    # mined loss). 1 = every anchor (paper).
+    mining_keep_fraction: float = 1.0
     # With mining_context_bins: the mined loss's target is the picked candidate's context
     # average (its +-W neighbours' banked target representations with its own) instead of
     # the single bin. false = the single bin (what the paper predicts).
@@ -342,6 +346,7 @@ class Config:
         need(0.0 <= me.oracle_error_rate <= 1.0 and (me.oracle or me.oracle_error_rate == 0),
              "method.oracle_error_rate", "must be in [0, 1], and needs method.oracle")
         need(0 <= me.mining_mutual_k <= MAX_SAMPLES, "method.mining_mutual_k", f"must be 0..{MAX_SAMPLES}")
+        need(0.0 < me.mining_keep_fraction <= 1.0, "method.mining_keep_fraction", "must be in (0, 1]")
         need(not me.mining_context_target or me.mining_context_bins > 0, "method.mining_context_target",
              "needs method.mining_context_bins > 0 (the context average it predicts)")
         need(me.mining_space in MINING_SPACES, "method.mining_space", f"must be one of {', '.join(MINING_SPACES)}")

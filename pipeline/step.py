@@ -168,11 +168,11 @@ def train_step(model: MYOW | nn.Module, optimizer: torch.optim.Optimizer,
         target_y = pool_y
         if context is None:
             idx = mine_views(y_m.detach(), pool_y, method.k, generator, exclude,
-                             mutual_k=method.mining_mutual_k)  # (B,), -1 = none
+                             mutual_k=method.mining_mutual_k, keep_fraction=method.mining_keep_fraction)  # (B,), -1 = none
         else:  # search on +-W-bin context averages; the mined view itself stays one bin
             pool_context = context.smooth(pool_meta["row"], pool_y)
             idx = mine_views(context.smooth(meta["row"], y_m), pool_context, method.k, generator, exclude,
-                             mutual_k=method.mining_mutual_k)
+                             mutual_k=method.mining_mutual_k, keep_fraction=method.mining_keep_fraction)
             context.update(pool_meta["row"], pool_y)
             if method.mining_context_target:  # predict the candidate's context average, not its bin
                 target_y = pool_context

@@ -49,6 +49,8 @@ class MiningContext:
         self.window = int(window)
         nb, cnt = jitter_table(self.rows, trial, bin_start_s, bin_size_s, self.window)
         self.neighbors = torch.from_numpy(nb)  # (n, 2W) positions, -1 pad
+        by_offset, _ = jitter_table(self.rows, trial, bin_start_s, bin_size_s, self.window, by_offset=True)
+        self.by_offset = torch.from_numpy(by_offset)  # (n, 2W) positions at offsets -W..-1, 1..W, -1 absent
         self.bank = torch.zeros(len(self.rows), dim)  # (n, D) unit-norm target representations
         self.filled = torch.zeros(len(self.rows), dtype=torch.bool)
 
@@ -77,6 +79,23 @@ class MiningContext:
         neigh = F.embedding_bag(safe, self.bank, per_sample_weights=valid.float(), mode="sum")  # (m, D)
         total = F.normalize(y.detach().float(), dim=1) + neigh.to(y.device)
         return total / (1.0 + valid.sum(1, keepdim=True).to(y.device))
+
+    @torch.no_grad()
+    def aligned(self, rows: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(m, (2W+1) D) unit-norm concatenation of the samples' own unit-norm ``y`` (m, D)
+        and their banked neighbours at offsets -W..W in time order (zeros where a
+        neighbour is absent or not yet filled). The cosine of two such vectors is the sum,
+        over the offsets both have, of the cosines of time-aligned bins, over
+        sqrt(n_a n_b): it compares trajectories, where :meth:`smooth` compares their means."""
+        pos = self.positions(rows)
+        nb = self.by_offset[pos]  # (m, 2W)
+        safe = nb.clamp(min=0)
+        valid = ((nb >= 0) & self.filled[safe]).float().to(y.device)
+        neigh = self.bank.to(y.device)[safe] * valid[..., None]  # (m, 2W, D)
+        own = F.normalize(y.detach().float(), dim=1)[:, None, :]
+        W = self.window
+        seq = torch.cat([neigh[:, :W], own, neigh[:, W:]], dim=1)  # (m, 2W+1, D)
+        return F.normalize(seq.flatten(1), dim=1)
 
     def state_dict(self) -> dict:
         return {"bank": self.bank.clone(), "filled": self.filled.clone(), "window": self.window,

@@ -12,7 +12,7 @@ __all__ = ["jitter_table", "draw_positives"]
 
 
 def jitter_table(rows: np.ndarray, trial: np.ndarray, bin_start_s: np.ndarray, bin_size_s: float,
-                 max_bins: int) -> tuple[np.ndarray, np.ndarray]:
+                 max_bins: int, by_offset: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Temporal-jitter neighbours of each training sample among the training samples.
 
     j is a neighbour of i when j != i, both are training samples, they have the same
@@ -23,10 +23,13 @@ def jitter_table(rows: np.ndarray, trial: np.ndarray, bin_start_s: np.ndarray, b
     Args:
         rows: (n,) ascending store rows of the training samples.
         trial, bin_start_s: (T,) per store row.
+        by_offset: keep column c for offset c - max_bins (c < max_bins) or c - max_bins + 1
+            (offsets -J..-1, 1..J in order, -1 where that neighbour is absent) instead of
+            putting the valid neighbours first.
 
     Returns:
-        neighbors (n, 2*max_bins) int64 positions into ``rows`` (valid first, -1 pad) and
-        counts (n,) int64.
+        neighbors (n, 2*max_bins) int64 positions into ``rows`` (valid first, -1 pad, or by
+        offset) and counts (n,) int64.
     """
     n, T = len(rows), len(trial)
     offsets = [d for d in range(-max_bins, max_bins + 1) if d != 0]
@@ -40,6 +43,8 @@ def jitter_table(rows: np.ndarray, trial: np.ndarray, bin_start_s: np.ndarray, b
     pos = pos_of_row[cand_c]
     ok = (inside & (pos >= 0) & (trial[cand_c] == trial[rows][:, None])
           & (np.abs(bin_start_s[cand_c] - bin_start_s[rows][:, None]) <= (max_bins + 0.5) * bin_size_s))
+    if by_offset:
+        return np.where(ok, pos, -1), ok.sum(1).astype(np.int64)
     order = np.argsort(~ok, axis=1, kind="stable")  # valid columns first
     neighbors = np.take_along_axis(np.where(ok, pos, -1), order, axis=1)
     return neighbors, ok.sum(1).astype(np.int64)

@@ -196,3 +196,23 @@ def test_mutual_neighbours_only(seed):
             assert j in sim[i].topk(k).indices.tolist()
     same = mine_views(a, p, k, torch.Generator().manual_seed(1), exclude)
     assert torch.equal(mine_views(a, p, k, torch.Generator().manual_seed(1), exclude, mutual_k=60), same)
+
+
+@pytest.mark.parametrize("frac", [0.25, 0.5])
+def test_keep_fraction_keeps_the_most_confident_anchors(frac):
+    """keep_fraction drops the anchors whose nearest allowed candidate is least similar;
+    the kept ones keep exactly the pick they get without the filter."""
+    g = torch.Generator().manual_seed(3)
+    a, p = torch.randn(40, 6, generator=g), torch.randn(50, 6, generator=g)
+    exclude = torch.rand(40, 50, generator=g) < 0.3
+    exclude[7] = True  # an anchor without any allowed candidate stays -1 and is not counted
+    full = mine_views(a, p, 3, torch.Generator().manual_seed(1), exclude)
+    kept = mine_views(a, p, 3, torch.Generator().manual_seed(1), exclude, keep_fraction=frac, chunk_size=7)
+    nearest = _cos(a, p).masked_fill(exclude, float("-inf")).max(dim=1).values
+    n_keep = int(torch.tensor(frac * 39).ceil())
+    assert int((kept >= 0).sum()) == n_keep and kept[7] == -1
+    survivors = (kept >= 0)
+    assert torch.equal(kept[survivors], full[survivors])
+    assert nearest[survivors].min() >= nearest[(full >= 0) & ~survivors].max()
+    with pytest.raises(ValueError, match="keep_fraction"):
+        mine_views(a, p, 3, _gen(), keep_fraction=0.0)

@@ -203,12 +203,17 @@ def test_mutual_and_context_target_knobs_train_and_are_validated(tmp_path):
     base = {"method.mining_context_bins": 2}
     runs = {}
     for name, extra in {"plain": {}, "mutual": {"method.mining_mutual_k": 2},
-                        "target": {"method.mining_context_target": True}}.items():
+                        "target": {"method.mining_context_target": True},
+                        "confident": {"method.mining_keep_fraction": 0.5}}.items():
         run_dir = tmp_path / name
         train(load_config(None, tiny_overrides(store, run_dir, steps=8, **base, **extra)))
         rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         runs[name] = [r["loss_mined"] for r in rows if r["loss_mined"] is not None]
         assert runs[name] and all(math.isfinite(v) for v in runs[name])
-    assert runs["mutual"] != runs["plain"] and runs["target"] != runs["plain"]  # each knob changes the step
+        if name == "confident":  # half of the anchors keep their mined view
+            assert all(0.4 <= r["mined_valid_ratio"] <= 0.6 for r in rows if r["mined_valid_ratio"] is not None)
+    assert all(runs[n] != runs["plain"] for n in ("mutual", "target", "confident"))  # each knob changes the step
+    with pytest.raises(ConfigError, match="method.mining_keep_fraction"):
+        load_config(None, tiny_overrides(store, tmp_path / "y", **{"method.mining_keep_fraction": 0}))
     with pytest.raises(ConfigError, match="method.mining_context_target"):
         load_config(None, tiny_overrides(store, tmp_path / "x", **{"method.mining_context_target": True}))
