@@ -5,6 +5,9 @@ Measured in one run:
     median 5 Hz, ~180 M spikes, generated vectorised and seeded) binned at 10 ms by the
     command in a subprocess: spikes/s and the subprocess's peak RSS;
   * the real Phy folder in ../shared/data (good units, 50 ms), when present;
+  * where the time goes (``cpu_seconds_by_stage``): start-up, the source's metadata, and
+    per block reading, counting, compressing, zarr's share of writing, hashing, one block
+    after another in this process;
   * references on a slice of the synthetic recording: a per-unit ``np.histogram`` and the
     original MYOW code's per-unit, per-bin mask loop; the store is checked to equal the
     histogram there.
@@ -90,6 +93,66 @@ def run_bin_spikes(args: list[str]) -> tuple[float, float]:
     return wall, peak / 1024**3
 
 
+def where_time_goes(phy: str, work: str, bin_size: float) -> dict:
+    """CPU seconds of each stage of binning the recording, one block after another in this
+    process (the command runs them on every core at once): start-up (imports, in a fresh
+    process), reading the source's metadata and its cluster pre-pass, and per block:
+    reading the spikes out of the page cache, counting them, compressing the counts,
+    zarr's own share of writing them, and hashing the source."""
+    import zarr
+    from fractions import Fraction
+
+    from preprocess import sources
+    from preprocess.store import COUNTS_COMPRESSOR, StoreLayout
+
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import preprocess.bin_spikes"], cwd=ROOT, check=True)
+    out = {"startup_s": time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    rec = sources.read_source(phy, "phy", phy, Fraction(repr(bin_size)), "all", Fraction(SAMPLE_RATE), None)
+    out["read_metadata_s"] = time.perf_counter() - t0
+    layout = StoreLayout.for_counts(rec.n_rows, rec.n_units)
+    target = os.path.join(work, "breakdown.zarr")
+    shutil.rmtree(target, ignore_errors=True)
+    counts_array = zarr.create_array(target, shape=(rec.n_rows, rec.n_units), dtype="uint16",
+                                     chunks=(layout.chunk_rows, rec.n_units), shards=(layout.shard_rows, rec.n_units),
+                                     compressors=[COUNTS_COMPRESSOR], config={"write_empty_chunks": True})
+    import numcodecs  # the same Blosc settings as the store's, called directly
+
+    shuffles = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE,
+                "bitshuffle": numcodecs.Blosc.BITSHUFFLE}
+    codec = numcodecs.Blosc(cname=COUNTS_COMPRESSOR.cname.value, clevel=COUNTS_COMPRESSOR.clevel,
+                            shuffle=shuffles[COUNTS_COMPRESSOR.shuffle.value])
+    times = np.load(rec.phy.times_path, mmap_mode="r").reshape(-1)
+    clusters = np.load(rec.phy.clusters_path, mmap_mode="r").reshape(-1)
+    stages = dict.fromkeys(("read", "count", "compress", "zarr_write_other", "hash"), 0.0)
+    start = 0
+    for r0, r1 in layout.blocks():
+        t0 = time.perf_counter()
+        stop = int(np.searchsorted(times, np.uint64(r1 * round(bin_size * SAMPLE_RATE))))
+        np.array(times[start:stop], dtype=np.int64), np.array(clusters[start:stop])
+        start = stop
+        t1 = time.perf_counter()
+        counts = sources.count_phy_block(rec.phy, r0, r1, rec.n_units, np.uint16)
+        t2 = time.perf_counter()
+        for c0 in range(0, r1 - r0, layout.chunk_rows):
+            codec.encode(np.ascontiguousarray(counts[c0:c0 + layout.chunk_rows]))
+        t3 = time.perf_counter()
+        counts_array[r0:r1] = counts
+        t4 = time.perf_counter()
+        stages["read"] += t1 - t0
+        stages["count"] += max(0.0, (t2 - t1) - (t1 - t0))  # count_phy_block reads the block again
+        stages["compress"] += t3 - t2
+        stages["zarr_write_other"] += max(0.0, (t4 - t3) - (t3 - t2))
+    t0 = time.perf_counter()
+    for piece in sources.hash_pieces(rec.files):
+        sources.hash_piece(piece)
+    stages["hash"] = time.perf_counter() - t0
+    out.update({f"{k}_s": v for k, v in stages.items()})
+    shutil.rmtree(target, ignore_errors=True)
+    return {k: round(v, 2) for k, v in out.items()}
+
+
 def histogram_reference(times: np.ndarray, clusters: np.ndarray, units: np.ndarray, n_bins: int,
                         samples_per_bin: int) -> np.ndarray:
     """Per-unit np.histogram over integer edges (exact, half-open except the last edge)."""
@@ -128,12 +191,14 @@ def main() -> None:
         n_spikes = synthesize_phy(phy, args.hours, args.units, args.seed)
         result["synthetic_spikes"] = n_spikes
         result["synthesis_s"] = round(time.perf_counter() - t0, 2)
+        os.sync()  # the 2 GB just written are flushed before timing, not during (it had cost ~40%)
 
         out = os.path.join(work, "synthetic.zarr")
         shutil.rmtree(out, ignore_errors=True)
         wall, rss = run_bin_spikes([phy, "--out", out, "--bin-size", str(args.bin_size), "--sample-rate",
                                     str(SAMPLE_RATE), "--units", "all", "--scheduler", args.scheduler])
         result.update(seconds=round(wall, 2), spikes_per_s=round(n_spikes / wall), peak_rss_gb=round(rss, 3))
+        result["cpu_seconds_by_stage"] = where_time_goes(phy, work, args.bin_size)
 
         # references on a 10-minute slice (first units), and exactness of the store there
         import zarr

@@ -165,31 +165,38 @@ def main(argv: list[str] | None = None) -> int:
 # --------------------------------------------------------------------------- block tasks
 
 
-def count_block(rec: sources.Recording, row0: int, row1: int) -> np.ndarray:
-    """(row1-row0, N) int64 counts of one block, from whichever data the source has."""
-    if rec.phy is not None:
-        return sources.count_phy_block(rec.phy, row0, row1, rec.n_units)
+def count_block(rec: sources.Recording, row0: int, row1: int, dtype: str) -> np.ndarray:
+    """(row1-row0, N) counts of ``dtype`` of one block, from whichever data the source has.
+
+    Raises CountOverflow when a bin does not fit ``dtype``."""
+    if rec.phy is not None:  # counted straight into dtype, a cache-sized tile at a time
+        try:
+            return sources.count_phy_block(rec.phy, row0, row1, rec.n_units, dtype,
+                                           sources.thread_buffer("counts", (row1 - row0, rec.n_units), dtype))
+        except binning.BinOverflow as err:
+            raise CountOverflow(str(err)) from None
     if rec.unit_times_s is not None:
-        return sources.count_nwb_block(rec.unit_times_s, row0, row1, rec.bin_size)
-    return np.asarray(rec.counts[row0:row1], dtype=np.int64)
+        counts = sources.count_nwb_block(rec.unit_times_s, row0, row1, rec.bin_size)
+    else:
+        counts = np.asarray(rec.counts[row0:row1], dtype=np.int64)
+    if counts.size and int(counts.max()) > np.iinfo(dtype).max:
+        raise CountOverflow(int(counts.max()))
+    return counts.astype(dtype)
 
 
 def write_block(rec: sources.Recording, store_url: str, storage_options: dict, row0: int, row1: int,
-                dtype: str) -> tuple[int, int]:
+                dtype: str) -> int:
     """Count one block and write its rows of every per-bin array (its own shard/chunk of
-    each). Returns (spikes, max count)."""
-    counts = count_block(rec, row0, row1)
-    peak = int(counts.max()) if counts.size else 0
-    if peak > np.iinfo(dtype).max:
-        raise CountOverflow(peak)
+    each). Returns the number of spikes counted."""
+    counts = count_block(rec, row0, row1, dtype)
     # write_empty_chunks: zarr otherwise tests every chunk for all-zeros before encoding,
     # which made writing a block ~2-3x slower than compressing it; a spike-free chunk costs
     # a few bytes once compressed, and reads back the same zeros
     counts_array = open_array(join_url(store_url, "counts"), storage_options).with_config({"write_empty_chunks": True})
-    counts_array[row0:row1] = counts.astype(dtype)
+    counts_array[row0:row1] = counts
     for name, values in per_bin_block(rec, row0, row1).items():
         open_array(join_url(store_url, name), storage_options)[row0:row1] = values
-    return int(counts.sum()), peak
+    return int(counts.sum(dtype=np.uint64))
 
 
 class _TqdmCallback(Callback):
@@ -277,7 +284,7 @@ def _write_store(rec: sources.Recording, out: str, storage_options: dict, overwr
                 log.info("a bin exceeds 65535 spikes: rewriting counts as uint32")
                 dtype = np.dtype(np.uint32)
         block_results, digests = results[:len(tasks)], results[len(tasks):]
-        n_spikes = sum(r[0] for r in block_results)
+        n_spikes = sum(block_results)
         if rec.expected_spikes is not None and n_spikes != rec.expected_spikes:
             raise UserError(f"{rec.path}: binned {n_spikes} spikes but the selected units have "
                             f"{rec.expected_spikes}; spike times are not sorted or lie beyond the end")

@@ -10,6 +10,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -154,17 +155,19 @@ def hash_pieces(paths: list[str]) -> list[tuple[str, int, int]]:
 
 
 def combine_hashes(pieces: list[tuple[str, int, int]], digests: list[bytes]) -> str:
-    """The content hash: BLAKE2b of (file name, piece digest) in order."""
-    top = hashlib.blake2b(digest_size=32)
+    """The content hash: SHA-256 of (file name, piece digest) in order. SHA-256 rather than
+    BLAKE2b: CPUs hash it in hardware (SHA-NI), 1.5 vs 0.7 GB/s on one core here, and
+    hashing the source had been a sixth of the time of binning a 12-hour recording."""
+    top = hashlib.sha256()
     for (path, _, _), digest in zip(pieces, digests):
         top.update(os.path.basename(path).encode())
         top.update(digest)
-    return "blake2b-tree64M:" + top.hexdigest()
+    return "sha256-tree64M:" + top.hexdigest()
 
 
 def hash_piece(piece: tuple[str, int, int]) -> bytes:
     path, offset, length = piece
-    h = hashlib.blake2b(digest_size=32)
+    h = hashlib.sha256()
     with open(path, "rb") as f:
         f.seek(offset)
         remaining = length
@@ -175,6 +178,21 @@ def hash_piece(piece: tuple[str, int, int]) -> bytes:
             h.update(buf)
             remaining -= len(buf)
     return h.digest()
+
+
+_THREAD_BUFFERS = threading.local()
+
+
+def thread_buffer(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """This thread's uninitialised buffer ``name`` of ``shape``/``dtype``, reused from call to
+    call: a fresh (shard rows x N) counts array per block cost page faults worth a fifth of
+    the time of binning a 12-hour recording. The caller must be done with the previous
+    contents (a block's counts are written to the store before the thread's next block)."""
+    buf = getattr(_THREAD_BUFFERS, name, None)
+    if buf is None or buf.shape != tuple(shape) or buf.dtype != np.dtype(dtype):
+        buf = np.empty(shape, dtype=dtype)
+        setattr(_THREAD_BUFFERS, name, buf)
+    return buf
 
 
 # --------------------------------------------------------------------------- tables

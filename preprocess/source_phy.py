@@ -180,8 +180,9 @@ def read_phy(folder: str, source: str, bin_size: Fraction, units: str, sample_ra
                         "choose --units mua or all")
     check_n_units(len(unit_ids), f"{folder}: {len(unit_ids)} clusters selected by --units {units}")
     lut = None
-    if int(unit_ids[-1]) < DENSE_LUT_IDS:
-        lut = np.full(int(unit_ids[-1]) + 1, -1, dtype=np.int32)
+    top_id = max(int(unit_ids[-1]), int(spiking_ids[-1]) if spiking_ids.size else 0)
+    if top_id < DENSE_LUT_IDS:  # covers every id of the file, so a block's lookup is one gather
+        lut = np.full(top_id + 1, -1, dtype=np.int32)
         lut[unit_ids] = np.arange(len(unit_ids), dtype=np.int32)
     quality = np.array([labels.get(int(c), "unsorted") for c in unit_ids], dtype=object)
     return Recording(
@@ -253,8 +254,11 @@ class UnsortedSpikes(UserError):
     pass
 
 
-def count_phy_block(spikes: PhySpikes, row0: int, row1: int, n_units: int) -> np.ndarray:
-    """Counts (row1-row0, N) int64 of one block of a Phy recording, read from disk.
+def count_phy_block(spikes: PhySpikes, row0: int, row1: int, n_units: int,
+                    dtype: np.dtype | type = np.int64, out: np.ndarray | None = None) -> np.ndarray:
+    """Counts (row1-row0, N) of ``dtype`` of one block of a Phy recording, read from disk
+    (:class:`preprocess.binning.BinOverflow` when a bin does not fit ``dtype``), into
+    ``out`` when given (see :func:`preprocess.binning.count_samples`).
 
     Opens its own memory maps and drops them on return so resident memory stays bounded.
     Also checks that this block's spikes are sorted and inside the block: together over
@@ -271,20 +275,23 @@ def count_phy_block(spikes: PhySpikes, row0: int, row1: int, n_units: int) -> np
         raise UnsortedSpikes(f"{spikes.times_path}: spike times are negative or not sorted; "
                              "sort spike_times and spike_clusters together (Kilosort writes them sorted)")
     t = np.array(times[a:b], dtype=np.int64)
-    c = np.array(clusters[a:b], dtype=np.int64)
+    c = np.array(clusters[a:b])  # the file's integer dtype: the lookups below need no int64 copy
     del times, clusters
     if t.size and (t[0] < s0 or t[-1] >= s1 or np.any(t[1:] < t[:-1])):
         raise UnsortedSpikes(f"{spikes.times_path}: spike times are not sorted (near spike {a}); "
                              "sort spike_times and spike_clusters together (Kilosort writes them sorted)")
     lut = spikes.cluster_to_column
     if lut is not None:
-        cols = np.where(c < len(lut), lut[np.minimum(c, len(lut) - 1)], -1)
+        try:  # the lut covers every cluster id of the file (read_phy), ids are >= 0
+            cols = lut[c]
+        except IndexError:
+            raise UserError(f"{spikes.clusters_path}: the file changed while it was being binned; run again") from None
     else:
         ids = spikes.unit_ids
         pos = np.minimum(np.searchsorted(ids, c), len(ids) - 1)
         cols = np.where(ids[pos] == c, pos, -1)
     try:
-        return binning.count_samples(t, cols, row0, row1 - row0, n_units, spikes.samples_per_bin)
+        return binning.count_samples(t, cols, row0, row1 - row0, n_units, spikes.samples_per_bin, dtype, out)
     except OverflowError:  # read_phy checked the last spike: a larger one earlier means unsorted times
         raise UnsortedSpikes(f"{spikes.times_path}: spike times are not sorted (near spike {a}); "
                              "sort spike_times and spike_clusters together (Kilosort writes them sorted)")

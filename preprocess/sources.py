@@ -17,7 +17,7 @@ from .errors import UsageError
 from .source_common import (COUNT_MAX, DEFAULT_MAX_BINS, HASH_PIECE_BYTES, INT32, MAX_UNITS, UNIT_SELECTIONS,
                             LocalCopy, PhySpikes, Recording, Trials, check_float32, check_n_bins, check_n_units,
                             check_trials, combine_hashes, detect_format, exact_number, hash_piece, hash_pieces,
-                            int32_labels, label_column, read_trials_table, read_tsv)
+                            int32_labels, label_column, read_trials_table, read_tsv, thread_buffer)
 from .source_npz import read_npz
 from .source_nwb import count_nwb_block, read_nwb
 from .source_phy import (DENSE_LUT_IDS, PARAMS_PY_MAX_BYTES, UnsortedSpikes, cluster_labels, cluster_spike_counts,
@@ -31,6 +31,7 @@ __all__ = [
     "combine_hashes", "count_nwb_block", "count_phy_block", "detect_format", "exact_number", "filesystem",
     "hash_piece", "hash_pieces", "int32_labels", "iter_npy_chunks", "label_column", "parse_params_py",
     "read_npz", "read_nwb", "read_phy", "read_source", "read_trials_table", "read_tsv", "sample_rate_of_params",
+    "thread_buffer",
 ]
 
 
