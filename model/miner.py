@@ -83,7 +83,7 @@ def exclusion_mask(anchor_trial: torch.Tensor | None = None,
 @torch.no_grad()
 def mine_views(anchors: torch.Tensor, pool: torch.Tensor, k: int, generator: torch.Generator,
                exclude: torch.Tensor | None = None, chunk_size: int = 1024, mutual_k: int = 0,
-               keep_fraction: float = 1.0) -> torch.Tensor:
+               keep_fraction: float = 1.0, all_k: bool = False) -> torch.Tensor:
     """Randomised k-NN mining.
 
     Args:
@@ -102,6 +102,9 @@ def mine_views(anchors: torch.Tensor, pool: torch.Tensor, k: int, generator: tor
             with an allowed candidate) whose nearest allowed candidate is most similar keep
             their pick, the others get -1: a confidence filter (late in training the most
             confident anchors' picks are the most precise). 1 = off.
+        all_k: return every anchor's top-k allowed candidates, (B, k) sorted by
+            similarity with -1 where fewer than k are allowed, instead of one random pick
+            (the same B uniforms are still drawn, so the random stream does not change).
 
     Returns:
         (B,) int64 indices into ``pool``. Each is drawn uniformly among the anchor's top-k
@@ -130,9 +133,10 @@ def mine_views(anchors: torch.Tensor, pool: torch.Tensor, k: int, generator: tor
     # picks) does not depend on chunk_size.
     u = torch.rand(B, generator=generator, device=generator.device).to(device)
     out = torch.full((B,), -1, dtype=torch.long, device=device)
+    top = torch.full((B, min(k, L)), -1, dtype=torch.long, device=device) if all_k else None
     nearest = torch.full((B,), float("-inf"), device=device)  # cosine of each anchor's nearest allowed candidate
     if B == 0 or L == 0:
-        return out
+        return out if not all_k else out[:, None][:, :0]
 
     kk = min(k, L)
     if mutual_k > 0:  # the column-wise ranking needs every anchor's similarity at once
@@ -163,6 +167,8 @@ def mine_views(anchors: torch.Tensor, pool: torch.Tensor, k: int, generator: tor
             chosen = idx.gather(1, slot[:, None]).squeeze(1)
             out[start:stop] = torch.where(n_valid > 0, chosen, torch.full_like(chosen, -1))
             nearest[start:stop] = vals[:, 0]
+            if top is not None:
+                top[start:stop] = torch.where(allowed, idx, torch.full_like(idx, -1))
     if keep_fraction < 1.0:
         has = out >= 0
         n_keep = math.ceil(keep_fraction * int(has.sum()))
@@ -170,4 +176,6 @@ def mine_views(anchors: torch.Tensor, pool: torch.Tensor, k: int, generator: tor
         order = torch.where(has, nearest, torch.full_like(nearest, float("-inf"))).argsort(descending=True, stable=True)
         drop = order[n_keep:]
         out[drop] = -1
-    return out
+        if top is not None:
+            top[drop] = -1
+    return out if top is None else top

@@ -43,6 +43,7 @@ import copy
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import losses
@@ -210,7 +211,9 @@ class MYOW(nn.Module):
                 (or augmented_loss's y1 when view 1 mines).
             target_pool_y: (L, D) target representations of the (gathered) pool.
             indices: (B,) int64 from :func:`model.miner.mine_views`; -1 = no mined view,
-                that anchor is left out of the mean.
+                that anchor is left out of the mean. Or (B, k) (``all_k``): the target is
+                the mean of the k candidates' unit-norm target projections (-1 entries
+                left out; an anchor with none is dropped).
             z_m: (B, P) g(y_m) when the caller already has it (augmented_loss's z1 when
                 y_m is y1): the cascaded head reuses it; same values, one g pass less.
 
@@ -223,8 +226,9 @@ class MYOW(nn.Module):
         statistics (pool instead of picked rows), no dynamic shapes, and no failure when a
         single anchor survives.
         """
-        if indices.shape != (y_m.shape[0],):
-            raise ValueError(f"mined_loss: indices must be ({y_m.shape[0]},), got {tuple(indices.shape)}")
+        if indices.dim() not in (1, 2) or indices.shape[0] != y_m.shape[0]:
+            raise ValueError(f"mined_loss: indices must be ({y_m.shape[0]},) or ({y_m.shape[0]}, k), "
+                             f"got {tuple(indices.shape)}")
         pred = self.mined_predictor(self._online_v(y_m, z_m))            # (B, V)
         if target_pool_y.shape[0] == 0:
             return losses.mined_loss(pred[:0], pred[:0])
@@ -232,7 +236,11 @@ class MYOW(nn.Module):
             target_v = self._target_v(target_pool_y)                     # (L, V)
         indices = indices.to(pred.device)
         valid = indices >= 0
-        picked = target_v[indices.clamp(min=0)]                          # (B, V); -1 rows are placeholders
+        picked = target_v[indices.clamp(min=0)]                          # (B, V) or (B, k, V); -1: placeholders
+        if indices.dim() == 2:  # the mean of the k neighbours' unit-norm projections
+            weights = valid.to(picked.dtype)[..., None]
+            picked = (F.normalize(picked.float(), dim=-1) * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+            valid = valid.any(dim=1)
         return losses.mined_loss(pred, picked, valid)
 
     def zero_mined_loss(self) -> torch.Tensor:

@@ -160,6 +160,9 @@ class MethodConfig:
     # candidate is most similar, keep their mined view (the others are left out of the
     # mined loss). 1 = every anchor (paper).
     mining_keep_fraction: float = 1.0
+    # The mined loss predicts the mean of all k nearest candidates' target projections
+    # instead of one of them drawn at random (paper). false = the paper's random pick.
+    mining_all_k: bool = False
     # With mining_context_bins: the mined loss's target is the picked candidate's context
     # average (its +-W neighbours' banked target representations with its own) instead of
     # the single bin. false = the single bin (what the paper predicts).

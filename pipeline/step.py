@@ -168,17 +168,19 @@ def train_step(model: MYOW | nn.Module, optimizer: torch.optim.Optimizer,
         target_y = pool_y
         if context is None:
             idx = mine_views(y_m.detach(), pool_y, method.k, generator, exclude,
-                             mutual_k=method.mining_mutual_k, keep_fraction=method.mining_keep_fraction)  # (B,), -1 = none
+                             mutual_k=method.mining_mutual_k, keep_fraction=method.mining_keep_fraction,
+                             all_k=method.mining_all_k)  # (B,) or (B, k), -1 = none
         else:  # search on +-W-bin context averages; the mined view itself stays one bin
             pool_context = context.smooth(pool_meta["row"], pool_y)
             idx = mine_views(context.smooth(meta["row"], y_m), pool_context, method.k, generator, exclude,
-                             mutual_k=method.mining_mutual_k, keep_fraction=method.mining_keep_fraction)
+                             mutual_k=method.mining_mutual_k, keep_fraction=method.mining_keep_fraction,
+                             all_k=method.mining_all_k)
             context.update(pool_meta["row"], pool_y)
             if method.mining_context_target:  # predict the candidate's context average, not its bin
                 target_y = pool_context
         # view 1 mines: its projection g(y1) is reused by the cascaded head (not recomputed)
         loss_mined = model(y_m, target_y, idx, z_m=z1 if x_m is None else None, mode="mined_loss")
-        stats = mining_stats(idx, meta, pool_meta, pool_y.shape[0])
+        stats = mining_stats(idx if idx.dim() == 1 else idx[:, 0], meta, pool_meta, pool_y.shape[0])
     else:
         # Keeps the mined heads in the graph (zero gradient): DDP needs every parameter used.
         loss_mined = model(mode="zero_mined_loss")

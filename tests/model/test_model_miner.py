@@ -216,3 +216,21 @@ def test_keep_fraction_keeps_the_most_confident_anchors(frac):
     assert nearest[survivors].min() >= nearest[(full >= 0) & ~survivors].max()
     with pytest.raises(ValueError, match="keep_fraction"):
         mine_views(a, p, 3, _gen(), keep_fraction=0.0)
+
+
+def test_all_k_returns_the_sorted_top_k_allowed():
+    """all_k gives every anchor's k most similar allowed candidates in order, -1 past the
+    allowed ones; the single pick is always one of them."""
+    g = torch.Generator().manual_seed(4)
+    a, p = torch.randn(30, 5, generator=g), torch.randn(20, 5, generator=g)
+    exclude = torch.rand(30, 20, generator=g) < 0.5
+    exclude[3, 2:] = True  # anchor 3: only candidates 0 and 1 allowed
+    exclude[3, :2] = False
+    top = mine_views(a, p, 4, _gen(), exclude, all_k=True, chunk_size=8)
+    sim = _cos(a, p).masked_fill(exclude, float("-inf"))
+    ref = sim.topk(4, dim=1)
+    assert top.shape == (30, 4)
+    assert torch.equal(torch.where(ref.values > float("-inf"), ref.indices, -1), top)
+    assert sorted(top[3, :2].tolist()) == [0, 1] and top[3, 2:].tolist() == [-1, -1]
+    pick = mine_views(a, p, 4, _gen(), exclude)
+    assert all(j in top[i].tolist() for i, j in enumerate(pick.tolist()) if j >= 0)

@@ -204,7 +204,8 @@ def test_mutual_and_context_target_knobs_train_and_are_validated(tmp_path):
     runs = {}
     for name, extra in {"plain": {}, "mutual": {"method.mining_mutual_k": 2},
                         "target": {"method.mining_context_target": True},
-                        "confident": {"method.mining_keep_fraction": 0.5}}.items():
+                        "confident": {"method.mining_keep_fraction": 0.5},
+                        "all_k": {"method.mining_all_k": True}}.items():
         run_dir = tmp_path / name
         train(load_config(None, tiny_overrides(store, run_dir, steps=8, **base, **extra)))
         rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -212,7 +213,7 @@ def test_mutual_and_context_target_knobs_train_and_are_validated(tmp_path):
         assert runs[name] and all(math.isfinite(v) for v in runs[name])
         if name == "confident":  # half of the anchors keep their mined view
             assert all(0.4 <= r["mined_valid_ratio"] <= 0.6 for r in rows if r["mined_valid_ratio"] is not None)
-    assert all(runs[n] != runs["plain"] for n in ("mutual", "target", "confident"))  # each knob changes the step
+    assert all(runs[n] != runs["plain"] for n in ("mutual", "target", "confident", "all_k"))  # each knob changes the step
     with pytest.raises(ConfigError, match="method.mining_keep_fraction"):
         load_config(None, tiny_overrides(store, tmp_path / "y", **{"method.mining_keep_fraction": 0}))
     with pytest.raises(ConfigError, match="method.mining_context_target"):
