@@ -96,6 +96,23 @@ def test_mined_loss_drops_minus_one_and_all_dropped_is_connected_zero():
     assert all(p.grad is not None for p in m.mined_projector.parameters())
 
 
+def test_mined_loss_with_top_k_indices_predicts_their_mean():
+    """(B, k) indices: the target is the mean of the k unit-norm target projections, -1
+    entries left out; an anchor with no index at all is dropped."""
+    m = _model()
+    _, _, y_m, pool_y, _ = _step_losses(m)
+    top = torch.tensor([[0, 1, 2], [3, -1, -1], [4, 5, 6], [-1, -1, -1], [7, 8, 0], [1, 2, 3]])
+    pred = m.mined_predictor(m._online_v(y_m))
+    with torch.no_grad():
+        tv = torch.nn.functional.normalize(m._target_v(pool_y), dim=1)
+    means = [tv[[j for j in row if j >= 0]].mean(0) for row in top.tolist() if max(row) >= 0]
+    kept = [i for i, row in enumerate(top.tolist()) if max(row) >= 0]
+    ref = -torch.nn.functional.cosine_similarity(pred[kept], torch.stack(means)).mean()
+    torch.testing.assert_close(m.mined_loss(y_m, pool_y, top), ref)
+    with pytest.raises(ValueError, match="indices"):
+        m.mined_loss(y_m, pool_y, top[:2])
+
+
 def test_mined_loss_survives_single_valid_anchor_in_train_mode():
     m = _model()
     _, _, y_m, pool_y, idx = _step_losses(m)

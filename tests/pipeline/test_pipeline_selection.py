@@ -158,6 +158,21 @@ def test_mining_context_averages_within_trial_neighbours_only():
     assert torch.equal(other.bank, ctx.bank) and torch.equal(other.filled, ctx.filled)
 
 
+def test_mining_context_aligned_concatenates_neighbours_in_time_order():
+    """aligned(): own and banked neighbours at offsets -W..W in order, zeros where absent,
+    unit norm overall (a diagnostic of benchmarks/mining_diagnosis.py)."""
+    from pipeline.data.context import MiningContext
+
+    rows = np.array([0, 1, 2, 3])
+    trial = np.array([0, 0, 0, 1])
+    ctx = MiningContext(rows, trial, np.arange(4) * 0.1, 0.1, window=1, dim=2)
+    ctx.update(torch.from_numpy(rows), torch.tensor([[1.0, 0], [0, 1.0], [2.0, 0], [0, 3.0]]))
+    got = ctx.aligned(torch.tensor([0, 1]), torch.tensor([[0.0, 5.0], [1.0, 0.0]]))
+    # row 0: no -1 neighbour, own (0, 1), +1 = row 1 (0, 1); row 1: row 0, own, row 2
+    expect = torch.tensor([[0, 0, 0, 1, 0, 1], [1, 0, 1, 0, 1, 0]], dtype=torch.float32)
+    assert torch.allclose(got, expect / expect.norm(dim=1, keepdim=True))
+
+
 def test_mining_context_run_resumes_exactly(tmp_path):
     from pipeline.checkpoint import load_checkpoint
     from pipeline_helpers import train_killed_at_fetch
