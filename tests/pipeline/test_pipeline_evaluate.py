@@ -134,8 +134,16 @@ def test_evaluate_prints_json_and_exports_embeddings_in_store_order(run_dir, tmp
     assert np.allclose(emb[rows], direct, atol=1e-5)
 
 
-def test_evaluate_in_process_matches_training_eval(run_dir):
+def test_evaluate_in_process_matches_training_eval(run_dir, monkeypatch):
+    import pipeline.kinds
+
+    calls = []
+    monkeypatch.setattr(pipeline.kinds, "set_threads", lambda threads, images=False: calls.append((threads, images)))
     results = evaluate_run(run_dir, plots=False)
+    # the run's thread policy is applied before the read-outs (BLAS at a thread per core had
+    # made a standalone evaluation 3x slower than the same read-outs at the end of training)
+    cfg = build_config(load_checkpoint(run_dir / "checkpoint.pt")["config"])
+    assert calls == [(cfg.run.threads, False)]
     trained = json.loads((run_dir / "eval.json").read_text())
     assert results["reach_acc"] == trained["reach_acc"] and results["step"] == trained["step"] == 20
 
