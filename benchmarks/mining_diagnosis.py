@@ -16,6 +16,9 @@ Labels are only read here. For every anchor, over its allowed candidates ranked 
 - ``cos@k`` vs ``cos_random``: similarity of the mined pairs against random allowed pairs;
 - ``agree@5_topQpct_conf``: agree@5 among the Q% of anchors whose nearest allowed
   candidate is most similar (is the search more precise where it is confident?);
+- ``trial_agree@k`` (with mining by context): share of the k other trials whose mean banked
+  representation is nearest the anchor's trial's mean that have the anchor's target (does
+  matching whole trials pair better than matching bins?);
 - ``loss_mined``: the training step's mined loss (negative cosine) at that step.
 
 At the last step the same is measured for pools of several sizes L (``agree5_by_pool``).
@@ -97,6 +100,33 @@ def diagnose(model, anchors, pool, ks=KS, context=None, aligned=False) -> dict:
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
 
 
+@torch.no_grad()
+def trial_agreement(anchors, pool, context, ks=(1, 5)) -> dict:
+    """``trial_agree@k``: label agreement of the anchor's trial with the k trials whose mean
+    banked target representation is most similar (other trials only)."""
+    meta, pmeta = anchors[3], pool[1]
+    bank, filled, trial = context.bank, context.filled, context.trial
+    n_trials = int(trial.max()) + 1
+    if n_trials <= 1 or int(meta["trial"].min()) < 0:
+        return {}
+    sums = torch.zeros(n_trials, bank.shape[1]).index_add_(0, trial[filled], bank[filled])
+    count = torch.zeros(n_trials).index_add_(0, trial[filled], torch.ones(int(filled.sum())))
+    means = F.normalize(sums / count.clamp(min=1)[:, None], dim=1)
+    at = meta["trial"]
+    sim = means[at] @ means.T  # (B, trials)
+    sim[torch.arange(len(at)), at] = float("-inf")
+    sim[:, count == 0] = float("-inf")
+    label_of_trial = torch.full((n_trials,), -1, dtype=torch.long)
+    label_of_trial[pmeta["trial"]] = pmeta["label"]
+    label_of_trial[at] = meta["label"]
+    out = {}
+    for k in ks:
+        lab = label_of_trial[sim.topk(k, dim=1).indices]  # (B, k)
+        known = lab >= 0
+        out[f"trial_agree@{k}"] = round(float(((lab == meta["label"][:, None]) & known).sum() / known.sum()), 4)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(CHEWIE), help="reach recording (.npz or store)")
@@ -135,6 +165,8 @@ def main() -> None:
                 d = diagnose(model, next(diag.sessions[0].anchors), next(diag.sessions[0].pool),
                              context=s0.mining_context)
                 if s0.mining_context is not None:
+                    d.update(trial_agreement(next(diag.sessions[0].anchors), next(diag.sessions[0].pool),
+                                             s0.mining_context))
                     d_al = diagnose(model, next(diag.sessions[0].anchors), next(diag.sessions[0].pool),
                                     context=s0.mining_context, aligned=True)
                     d.update({f"aligned_{k}": d_al[k] for k in ("agree@1", "agree@5", "agree@20", "angle@5",

@@ -47,6 +47,7 @@ class MiningContext:
                  window: int, dim: int):
         self.rows = np.asarray(rows, dtype=np.int64)
         self.window = int(window)
+        self.trial = torch.from_numpy(np.asarray(trial)[self.rows].astype(np.int64))  # (n,) trial of each sample
         nb, cnt = jitter_table(self.rows, trial, bin_start_s, bin_size_s, self.window)
         self.neighbors = torch.from_numpy(nb)  # (n, 2W) positions, -1 pad
         by_offset, _ = jitter_table(self.rows, trial, bin_start_s, bin_size_s, self.window, by_offset=True)
