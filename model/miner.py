@@ -67,9 +67,12 @@ def exclusion_mask(anchor_trial: torch.Tensor | None = None,
     device = anchors.device
     excluded = None
     if anchor_trial is not None:
+        # an anchor outside any trial (-1) becomes -2, which no pool id (>= -1) equals: one
+        # (B, L) pass instead of a compare and an AND (broadcast ops are ~1 ns per element
+        # on a CPU, a millisecond a step at B x L = 512 x 1024); int32 compares faster
         at = anchor_trial.to(device)
-        excluded = at[:, None] == pool_trial.to(device)[None, :]
-        excluded &= (at >= 0)[:, None]
+        at = torch.where(at >= 0, at, torch.full_like(at, -2)).to(torch.int32)
+        excluded = at[:, None] == pool_trial.to(device=device, dtype=torch.int32)[None, :]
     if anchor_time is not None and min_time_gap > 0:
         near = (anchor_time.to(device)[:, None] - pool_time.to(device)[None, :]).abs_() < min_time_gap
         excluded = near if excluded is None else excluded.logical_or_(near)
