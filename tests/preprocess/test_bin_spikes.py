@@ -575,3 +575,26 @@ def test_tensorstore_opens_the_store(tmp_path):
     codes = read("units/quality")
     categories = g["units/quality"].attrs["categories"]
     assert [categories[c] for c in codes] == unit_quality(g) == ["mua", "good", "good", "mua"]
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_cluster_pre_pass_counts_every_chunk_once(tmp_path, monkeypatch, threads):
+    """The pre-pass counts chunks on threads and merges them in any order into the same
+    per-cluster counts; a bad chunk (negative id) still fails with its one-line error."""
+    import functools
+
+    from preprocess import source_phy
+    from preprocess.errors import UserError
+
+    ids = np.random.default_rng(0).integers(0, 70_000, 1000).astype(np.int32)  # dense and sparse chunks
+    ids[:500] %= 50
+    path = tmp_path / "spike_clusters.npy"
+    np.save(path, ids)
+    monkeypatch.setattr(source_phy, "iter_npy_chunks", functools.partial(source_phy.iter_npy_chunks, step=37))
+    got_ids, got_counts = source_phy.cluster_spike_counts(str(path), threads)
+    ref_ids, ref_counts = np.unique(ids, return_counts=True)
+    assert np.array_equal(got_ids, ref_ids) and np.array_equal(got_counts, ref_counts)
+    ids[900] = -3
+    np.save(path, ids)
+    with pytest.raises(UserError, match="negative cluster ids"):
+        source_phy.cluster_spike_counts(str(path), threads)
