@@ -180,6 +180,7 @@ def train_step(model: MYOW | nn.Module, optimizer: torch.optim.Optimizer,
                 target_y = pool_context
         # view 1 mines: its projection g(y1) is reused by the cascaded head (not recomputed)
         loss_mined = model(y_m, target_y, idx, z_m=z1 if x_m is None else None, mode="mined_loss")
+        # with mining_all_k the statistics describe each anchor's nearest candidate
         stats = mining_stats(idx if idx.dim() == 1 else idx[:, 0], meta, pool_meta, pool_y.shape[0])
     else:
         # Keeps the mined heads in the graph (zero gradient): DDP needs every parameter used.
