@@ -114,7 +114,7 @@ def mine_views(anchors: torch.Tensor, pool: torch.Tensor, k: int, generator: tor
         (by cosine similarity) non-excluded candidates, or among all of its non-excluded
         candidates when fewer than k exist. An anchor with no allowed candidate gets
         -1: the caller must drop it (``MYOW.mined_loss`` does). An excluded index is
-        never returned.
+        never returned. With ``all_k``: (B, min(k, L)) int64, see above.
     """
     if k < 1:
         raise ValueError(f"mine_views: k must be >= 1, got {k}")
@@ -139,7 +139,7 @@ def mine_views(anchors: torch.Tensor, pool: torch.Tensor, k: int, generator: tor
     top = torch.full((B, min(k, L)), -1, dtype=torch.long, device=device) if all_k else None
     nearest = torch.full((B,), float("-inf"), device=device)  # cosine of each anchor's nearest allowed candidate
     if B == 0 or L == 0:
-        return out if not all_k else out[:, None][:, :0]
+        return out if top is None else top
 
     kk = min(k, L)
     if mutual_k > 0:  # the column-wise ranking needs every anchor's similarity at once
