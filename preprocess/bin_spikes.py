@@ -12,15 +12,11 @@ its own dask task, so writes never share a shard and memory stays bounded.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
-import multiprocessing
-import os
 import re
 import sys
 import time
-from concurrent.futures import Executor, ProcessPoolExecutor
 from fractions import Fraction
 
 import dask
@@ -37,7 +33,6 @@ PROG = "python -m preprocess.bin_spikes"
 LOCAL_SCHEDULERS = ("threads", "processes", "synchronous")
 MAX_WORKERS = 1024
 PROCESSES_FROM_BLOCKS = 8  # below this many blocks, starting worker processes costs more than it saves
-EARLY_POOL_BYTES = 256 << 20  # a spike_times.npy this large will almost surely be binned by processes
 
 
 class CountOverflow(Exception):
@@ -153,44 +148,18 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"--storage-options: not a JSON object ({err})")
     fmt = args.format or sources.detect_format(args.source, storage_options)
     started = time.perf_counter()
-    with sources.LocalCopy(args.source, storage_options) as local, early_pool(fmt, local, args.scheduler, workers) as pool:
+    with sources.LocalCopy(args.source, storage_options) as local:
         if args.format and not sources.filesystem(local)[0].exists(local):
             raise UserError(f"{args.source}: no such file or directory")
         rec = sources.read_source(args.source, fmt, local, bin_size, args.units, sample_rate, args.trials,
                                   max_bins, behavior)
         summary = write_recording(rec, args.out, storage_options, args.overwrite, args.scheduler,
-                                  workers, progress=not args.no_progress, pool=pool)
+                                  workers, progress=not args.no_progress)
     seconds = time.perf_counter() - started
     summary["seconds"] = round(seconds, 3)
     print(f"wrote {args.out}: {rec.n_rows} bins x {rec.n_units} units of {float(rec.bin_size)} s, "
           f"{summary['spikes']} spikes, counts {summary['dtype']}, in {seconds:.1f} s", file=sys.stderr)
     return 0
-
-
-def _warm_up() -> None:
-    """Run in each early worker process: unpickling it imports this module, and with it
-    numpy, zarr and dask, which is the cost of a worker's start."""
-
-
-@contextlib.contextmanager
-def early_pool(fmt: str, local: str, scheduler: str, workers: int | None):
-    """Worker processes started while the source is read, when a large Phy recording is
-    going to be binned by processes: spawned only once the pre-pass was done, their start
-    (imports) had cost ~0.7 s of a 9 s 12-hour recording. None otherwise; shut down on exit."""
-    times = os.path.join(local, "spike_times.npy") if fmt == "phy" else None
-    wanted = scheduler == "processes" or (scheduler == "auto" and times is not None and os.path.isfile(times)
-                                          and os.path.getsize(times) >= EARLY_POOL_BYTES)
-    if fmt != "phy" or not wanted:
-        yield None
-        return
-    n = workers or os.cpu_count() or 1
-    pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"))
-    try:
-        for _ in range(n):
-            pool.submit(_warm_up)
-        yield pool
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # --------------------------------------------------------------------------- block tasks
@@ -243,17 +212,14 @@ class _TqdmCallback(Callback):
             self.bar.update(1)
 
 
-def run_tasks(tasks: list, scheduler: str, workers: int | None, progress: bool, desc: str,
-              pool: Executor | None = None) -> list:
-    """Compute dask delayed ``tasks`` on a local scheduler or a dask.distributed cluster
-    (``pool``: worker processes already started, for the processes scheduler)."""
+def run_tasks(tasks: list, scheduler: str, workers: int | None, progress: bool, desc: str) -> list:
+    """Compute dask delayed ``tasks`` on a local scheduler or a dask.distributed cluster."""
     bar = tqdm(total=len(tasks), desc=desc, unit="block", disable=not progress or len(tasks) < 2,
                file=sys.stderr, dynamic_ncols=True)
     try:
         if scheduler in LOCAL_SCHEDULERS:
             with _TqdmCallback(bar, ("block-", "hash-")):
-                extra = {"pool": pool} if scheduler == "processes" and pool is not None else {}
-                return list(dask.compute(*tasks, scheduler=scheduler, num_workers=workers, **extra))
+                return list(dask.compute(*tasks, scheduler=scheduler, num_workers=workers))
         try:
             from distributed import Client, as_completed
         except ImportError:
@@ -279,12 +245,10 @@ def run_tasks(tasks: list, scheduler: str, workers: int | None, progress: bool, 
 
 def write_recording(rec: sources.Recording, out: str, storage_options: dict, overwrite: bool,
                     scheduler: str = "auto", workers: int | None = None, progress: bool = True,
-                    layout: StoreLayout | None = None, pool: Executor | None = None) -> dict:
+                    layout: StoreLayout | None = None) -> dict:
     """Bin ``rec`` into a new store at ``out`` and publish it. Returns a summary dict.
 
-    ``layout`` overrides the chunk/shard geometry (tests and benchmarks use small chunks);
-    ``pool``: worker processes already started (:func:`early_pool`), used if the binning runs
-    on processes."""
+    ``layout`` overrides the chunk/shard geometry (tests and benchmarks use small chunks)."""
     layout = layout or StoreLayout.for_counts(rec.n_rows, rec.n_units)
     if scheduler == "auto":
         # compression holds the GIL part of the time: processes scale better on large outputs.
@@ -295,16 +259,14 @@ def write_recording(rec: sources.Recording, out: str, storage_options: dict, ove
     dtype = count_dtype(rec.max_count_bound)
     pieces = sources.hash_pieces(rec.files)
     try:
-        return _write_store(rec, out, storage_options, overwrite, scheduler, workers, progress, layout, dtype, pieces,
-                            pool)
+        return _write_store(rec, out, storage_options, overwrite, scheduler, workers, progress, layout, dtype, pieces)
     except OSError as err:  # disk full, permissions, a file system that refuses the writes (/proc, ...)
         raise UserError(f"--out {out}: writing the store failed ({type(err).__name__}: {err}); "
                         "check the location, its permissions and free space") from None
 
 
 def _write_store(rec: sources.Recording, out: str, storage_options: dict, overwrite: bool, scheduler: str,
-                 workers: int | None, progress: bool, layout: StoreLayout, dtype: np.dtype, pieces: list,
-                 pool: Executor | None = None) -> dict:
+                 workers: int | None, progress: bool, layout: StoreLayout, dtype: np.dtype, pieces: list) -> dict:
     with StoreWriter(out, storage_options, overwrite) as writer:
         while True:
             create_arrays(writer, rec, layout, dtype)
@@ -314,7 +276,7 @@ def _write_store(rec: sources.Recording, out: str, storage_options: dict, overwr
             hashes = [dask.delayed(sources.hash_piece, pure=True)(p, dask_key_name=f"hash-{i}")
                       for i, p in enumerate(pieces)]
             try:
-                results = run_tasks(tasks + hashes, scheduler, workers, progress, f"binning {rec.n_rows} bins", pool)
+                results = run_tasks(tasks + hashes, scheduler, workers, progress, f"binning {rec.n_rows} bins")
                 break
             except CountOverflow:
                 if dtype == np.uint32:

@@ -598,18 +598,3 @@ def test_cluster_pre_pass_counts_every_chunk_once(tmp_path, monkeypatch, threads
     np.save(path, ids)
     with pytest.raises(UserError, match="negative cluster ids"):
         source_phy.cluster_spike_counts(str(path), threads)
-
-
-def test_early_pool_only_for_phy_binned_by_processes(tmp_path):
-    """Worker processes are started ahead only when the binning will use processes (asked
-    for, or auto with a large spike_times.npy); they run tasks and are shut down after."""
-    make_phy(tmp_path / "phy", n_units=3, duration_s=2, rate_hz=1)
-    folder = str(tmp_path / "phy")
-    with bin_spikes.early_pool("phy", folder, "auto", None) as pool:
-        assert pool is None  # a small file: auto will pick threads
-    with bin_spikes.early_pool("npz", folder, "processes", None) as pool:
-        assert pool is None
-    with bin_spikes.early_pool("phy", folder, "processes", 1) as pool:
-        assert pool.submit(int, "7").result() == 7
-    with pytest.raises(RuntimeError):
-        pool.submit(int, "7")  # shut down on exit
