@@ -166,18 +166,16 @@ def train_step(model: MYOW | nn.Module, optimizer: torch.optim.Optimizer,
                 other = torch.where(wrong.to(other.device)[:, None], ~other, other)
             exclude = exclude | other
         target_y = pool_y
-        if context is None:
-            idx = mine_views(y_m.detach(), pool_y, method.k, generator, exclude,
-                             mutual_k=method.mining_mutual_k, keep_fraction=method.mining_keep_fraction,
-                             all_k=method.mining_all_k)  # (B,) or (B, k), -1 = none
-        else:  # search on +-W-bin context averages; the mined view itself stays one bin
-            pool_context = context.smooth(pool_meta["row"], pool_y)
-            idx = mine_views(context.smooth(meta["row"], y_m), pool_context, method.k, generator, exclude,
-                             mutual_k=method.mining_mutual_k, keep_fraction=method.mining_keep_fraction,
-                             all_k=method.mining_all_k)
+        query, keys = y_m.detach(), pool_y
+        if context is not None:  # search on +-W-bin context averages; the mined view itself stays one bin
+            query, keys = context.smooth(meta["row"], y_m), context.smooth(pool_meta["row"], pool_y)
+        idx = mine_views(query, keys, method.k, generator, exclude, mutual_k=method.mining_mutual_k,
+                         keep_fraction=method.mining_keep_fraction,
+                         all_k=method.mining_all_k)  # (B,) or (B, k), -1 = none
+        if context is not None:
             context.update(pool_meta["row"], pool_y)
             if method.mining_context_target:  # predict the candidate's context average, not its bin
-                target_y = pool_context
+                target_y = keys
         # view 1 mines: its projection g(y1) is reused by the cascaded head (not recomputed)
         loss_mined = model(y_m, target_y, idx, z_m=z1 if x_m is None else None, mode="mined_loss")
         # with mining_all_k the statistics describe each anchor's nearest candidate
