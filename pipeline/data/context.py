@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from preprocess.errors import UserError
 
-from .jitter import jitter_table
+from .jitter import jitter_table, valid_first
 
 __all__ = ["MiningContext"]
 
@@ -48,10 +48,9 @@ class MiningContext:
         self.rows = np.asarray(rows, dtype=np.int64)
         self.window = int(window)
         self.trial = torch.from_numpy(np.asarray(trial)[self.rows].astype(np.int64))  # (n,) trial of each sample
-        nb, cnt = jitter_table(self.rows, trial, bin_start_s, bin_size_s, self.window)
-        self.neighbors = torch.from_numpy(nb)  # (n, 2W) positions, -1 pad
         by_offset, _ = jitter_table(self.rows, trial, bin_start_s, bin_size_s, self.window, by_offset=True)
         self.by_offset = torch.from_numpy(by_offset)  # (n, 2W) positions at offsets -W..-1, 1..W, -1 absent
+        self.neighbors = torch.from_numpy(valid_first(by_offset))  # (n, 2W) the same, valid first, -1 pad
         self.bank = torch.zeros(len(self.rows), dim)  # (n, D) unit-norm target representations
         self.filled = torch.zeros(len(self.rows), dtype=torch.bool)
 

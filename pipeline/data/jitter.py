@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["jitter_table", "draw_positives"]
+__all__ = ["jitter_table", "valid_first", "draw_positives"]
 
 
 def jitter_table(rows: np.ndarray, trial: np.ndarray, bin_start_s: np.ndarray, bin_size_s: float,
@@ -43,11 +43,15 @@ def jitter_table(rows: np.ndarray, trial: np.ndarray, bin_start_s: np.ndarray, b
     pos = pos_of_row[cand_c]
     ok = (inside & (pos >= 0) & (trial[cand_c] == trial[rows][:, None])
           & (np.abs(bin_start_s[cand_c] - bin_start_s[rows][:, None]) <= (max_bins + 0.5) * bin_size_s))
-    if by_offset:
-        return np.where(ok, pos, -1), ok.sum(1).astype(np.int64)
-    order = np.argsort(~ok, axis=1, kind="stable")  # valid columns first
-    neighbors = np.take_along_axis(np.where(ok, pos, -1), order, axis=1)
-    return neighbors, ok.sum(1).astype(np.int64)
+    table = np.where(ok, pos, -1)
+    return (table if by_offset else valid_first(table)), ok.sum(1).astype(np.int64)
+
+
+def valid_first(table: np.ndarray) -> np.ndarray:
+    """A by-offset neighbour table (-1 = absent) with each row's valid entries first, in
+    offset order: :func:`jitter_table`'s default layout."""
+    order = np.argsort(table < 0, axis=1, kind="stable")
+    return np.take_along_axis(table, order, axis=1)
 
 
 
