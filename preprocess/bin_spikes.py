@@ -179,8 +179,9 @@ def count_block(rec: sources.Recording, row0: int, row1: int, dtype: str) -> np.
         counts = sources.count_nwb_block(rec.unit_times_s, row0, row1, rec.bin_size)
     else:
         counts = np.asarray(rec.counts[row0:row1], dtype=np.int64)
-    if counts.size and int(counts.max()) > np.iinfo(dtype).max:
-        raise CountOverflow(int(counts.max()))
+    peak = int(counts.max()) if counts.size else 0
+    if peak > np.iinfo(dtype).max:
+        raise CountOverflow(peak)
     return counts.astype(dtype)
 
 
