@@ -12,8 +12,18 @@ candidate (a name and ``--set`` overrides on top of ``--config``) and every seed
    (:func:`pipeline.readout.probes.reach_cv_readout`). Every labelled moving bin of the non-test
    trials is predicted once (Chewie-1: ~730 bins instead of the 84 validation bins).
 
+``--protocol prospective`` mirrors the test instead (later trials, after a gap, that the SSL
+never saw): the non-test trials of each .npz recording are written as two recordings, in
+recording order ("fwd") and in reversed trial order ("bwd", each trial's bins kept in
+order), and each is run with ``--prospective-split`` (default 0.625/0.125/0.25: Chewie-1's
+127 non-test trials -> 79 SSL/read-out training trials, 16 trials whose bins choose the ridge
+strength, and 32 later (fwd) or earlier (bwd) trials that are predicted, the shape of the
+real 111/16/32 split). The figure is that block's accuracy, as ``benchmarks/reach.py``'s
+test accuracy; cross-validation instead interpolates between trials the SSL trained on, and
+its ranking need not carry over to trials it did not see.
+
 The test trials are never read out here. Every candidate runs on the same seeds, so the
-comparison with ``--baseline`` is paired: per (recording, seed) the difference of CV
+comparison with ``--baseline`` is paired: per (recording, seed) the difference of
 accuracy, then its mean, std and a 95% t confidence interval (over all recordings x
 seeds, and per recording).
 
@@ -23,6 +33,7 @@ Usage:
     python benchmarks/selection.py --seeds 0 1 2 3 4 --jobs 2 \\
         --candidate byol method.name=byol --candidate myow \\
         --candidate myow_k1 method.k=1 [--data REC.npz|STORE ...] [--config configs/reach_myow.yaml]
+        [--protocol cv|prospective]
 """
 
 from __future__ import annotations
@@ -41,16 +52,47 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import prepare_store, run_jobs, t_interval  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
 
 CHEWIE = ROOT.parent / "shared" / "data" / "reach-chewie-2013-10-03" / "chewie-2013-10-03-binned-100ms.npz"
 
 
+def non_test_recordings(path: str, split: list[float], tmp: str, index: int) -> list[tuple[str, str]]:
+    """The prospective protocol's recordings: (suffix, .npz path) for the non-test trials of
+    ``path`` in recording order ("fwd") and in reversed trial order ("bwd")."""
+    import numpy as np
+
+    from pipeline.data.recording import split_rows
+
+    if not path.endswith(".npz"):
+        raise SystemExit(f"{path}: --protocol prospective takes .npz recordings (binned counts with a trial array)")
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    if "trial" not in arrays:
+        raise SystemExit(f"{path}: no 'trial' array; the prospective protocol splits by trials")
+    n_rows = arrays["trial"].shape[0]
+    trial = arrays["trial"]
+    rows = split_rows(trial, split)
+    keep = np.sort(np.concatenate([rows["train"], rows["val"]]))
+    keep = keep[trial[keep] >= 0]
+    ids, first = np.unique(trial[keep], return_index=True)
+    order = ids[np.argsort(first, kind="stable")]  # non-test trials in recording order
+    by_trial = {t: keep[trial[keep] == t] for t in order}
+    out = []
+    for suffix, trials in (("fwd", order), ("bwd", order[::-1])):
+        take = np.concatenate([by_trial[t] for t in trials])
+        derived = {k: (v[take] if v.ndim and v.shape[0] == n_rows else v) for k, v in arrays.items()}
+        dest = os.path.join(tmp, f"rec{index}-{suffix}.npz")
+        np.savez(dest, **derived)
+        out.append((suffix, dest))
+    return out
+
+
 def run_one(job: dict) -> dict:
-    """Train one (recording, candidate, seed) on the non-test trials and cross-validate the read-out."""
+    """Train one (recording, candidate, seed) and read it out with the job's protocol."""
     import torch
 
     from pipeline.checkpoint import load_checkpoint
-    from pipeline.config import load_config
     from pipeline.data.augment import normalizations_from
     from pipeline.readout.neural import embed, reach_task_rows
     from pipeline.readout.probes import reach_cv_readout
@@ -61,35 +103,44 @@ def run_one(job: dict) -> dict:
 
     if job["threads"]:
         set_threads(job["threads"])
-    base = load_config(job["config"], [f"data.path={job['store']}"])
-    tr, va, te = base.data.split
     run_dir = os.path.join(job["tmp"], f"{job['recording']}-{job['candidate']}-{job['seed']}")
-    overrides = [f"data.path={job['store']}", f"data.split=[{tr + va},0.0,{te}]", f"run.seed={job['seed']}",
-                 f"run.dir={run_dir}", "run.progress=false", "run.resume=false", "eval.tasks=[none]",
-                 "eval.tsne=false", f"run.threads={job['threads']}", "train.checkpoint_every=1000000",
-                 *job["overrides"]]
-    cfg = load_config(job["config"], overrides)
-    t0 = time.perf_counter()
-    train(cfg)
-    seconds = time.perf_counter() - t0
-    ckpt = load_checkpoint(Path(run_dir) / "checkpoint.pt")
-    norm = normalizations_from(ckpt["normalization"])
-    rec = open_store(job["store"])
-    model = build_method(cfg).build_model(cfg, rec.n_units)  # any method's module, as pipeline.evaluate
-    model.load_state_dict(ckpt["model"])
-    with torch.no_grad():
-        emb = embed(model.encoder, rec, norm)
-    # the read-out rows of the SSL training split = the non-test trials; test rows are never read
-    rows = reach_task_rows(rec, cfg.data.split, cfg.eval.reach_min_speed)["train"]
-    res = reach_cv_readout(emb[rows], rec.labels["target"][rows], rec.trial[rows], n_folds=job["folds"])
+    common = [f"data.path={job['store']}", f"run.seed={job['seed']}", f"run.dir={run_dir}", "run.progress=false",
+              "run.resume=false", "eval.tsne=false", f"run.threads={job['threads']}", "train.checkpoint_every=1000000"]
+    if job["protocol"] == "prospective":
+        # the derived recording holds only non-test trials: its own split's last block is the one predicted
+        split = ",".join(str(f) for f in job["prospective_split"])
+        cfg = load_config(job["config"], [*common, f"data.split=[{split}]", "eval.tasks=[reach]", *job["overrides"]])
+        t0 = time.perf_counter()
+        _, results = train(cfg)
+        seconds = time.perf_counter() - t0
+        res = {"acc": results["reach_acc"], "delta_acc": results["reach_delta_acc"],
+               "val_acc": results["reach_val_acc"], "bins": results["reach_test_bins"]}
+    else:
+        base = load_config(job["config"], [f"data.path={job['store']}"])
+        tr, va, te = base.data.split
+        cfg = load_config(job["config"], [*common, f"data.split=[{tr + va},0.0,{te}]", "eval.tasks=[none]",
+                                          *job["overrides"]])
+        t0 = time.perf_counter()
+        train(cfg)
+        seconds = time.perf_counter() - t0
+        ckpt = load_checkpoint(Path(run_dir) / "checkpoint.pt")
+        norm = normalizations_from(ckpt["normalization"])
+        rec = open_store(job["store"])
+        model = build_method(cfg).build_model(cfg, rec.n_units)  # any method's module, as pipeline.evaluate
+        model.load_state_dict(ckpt["model"])
+        with torch.no_grad():
+            emb = embed(model.encoder, rec, norm)
+        # the read-out rows of the SSL training split = the non-test trials; test rows are never read
+        rows = reach_task_rows(rec, cfg.data.split, cfg.eval.reach_min_speed)["train"]
+        cv = reach_cv_readout(emb[rows], rec.labels["target"][rows], rec.trial[rows], n_folds=job["folds"])
+        res = {"acc": cv["reach_cv_acc"], "delta_acc": cv["reach_cv_delta_acc"], "bins": cv["reach_cv_bins"],
+               "fold_acc": cv["reach_cv_fold_acc"]}
     monitors = {}
     metrics = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     for key in ("mined_label_agreement_ratio", "loss_mined", "loss_augmented", "embedding_std", "pretext_accuracy"):
         vals = [m[key] for m in metrics if m.get(key) is not None]
         monitors[key] = vals[-1] if vals else None
-    return {**{k: job[k] for k in ("recording", "candidate", "seed")}, "cv_acc": res["reach_cv_acc"],
-            "cv_delta_acc": res["reach_cv_delta_acc"], "cv_bins": res["reach_cv_bins"],
-            "fold_acc": res["reach_cv_fold_acc"], "seconds": seconds, **monitors}
+    return {**{k: job[k] for k in ("recording", "candidate", "seed")}, **res, "seconds": seconds, **monitors}
 
 
 def summarize(runs: list[dict], candidates: list[str], baseline: str, recordings: list[str]) -> dict:
@@ -98,37 +149,38 @@ def summarize(runs: list[dict], candidates: list[str], baseline: str, recordings
     out = {}
     for name in candidates:
         entry: dict = {}
-        accs = [by[(rec, name, s)]["cv_acc"] for rec in recordings for s in seeds]
-        entry["cv_acc"], entry["cv_acc_std"] = statistics.fmean(accs), (statistics.stdev(accs) if len(accs) > 1 else 0.0)
-        entry["cv_delta_acc"] = statistics.fmean(by[(rec, name, s)]["cv_delta_acc"] for rec in recordings for s in seeds)
+        accs = [by[(rec, name, s)]["acc"] for rec in recordings for s in seeds]
+        entry["acc"], entry["acc_std"] = statistics.fmean(accs), (statistics.stdev(accs) if len(accs) > 1 else 0.0)
+        entry["delta_acc"] = statistics.fmean(by[(rec, name, s)]["delta_acc"] for rec in recordings for s in seeds)
         entry["seconds_per_run"] = statistics.fmean(by[(rec, name, s)]["seconds"] for rec in recordings for s in seeds)
         agree = [by[(rec, name, s)]["mined_label_agreement_ratio"] for rec in recordings for s in seeds]
         entry["mined_label_agreement"] = statistics.fmean(agree) if all(a is not None for a in agree) else None
-        entry["per_recording"] = {rec: [round(by[(rec, name, s)]["cv_acc"], 4) for s in seeds] for rec in recordings}
+        entry["per_recording"] = {rec: [round(by[(rec, name, s)]["acc"], 4) for s in seeds] for rec in recordings}
         if name != baseline:
-            diffs = [by[(rec, name, s)]["cv_acc"] - by[(rec, baseline, s)]["cv_acc"] for rec in recordings for s in seeds]
+            diffs = [by[(rec, name, s)]["acc"] - by[(rec, baseline, s)]["acc"] for rec in recordings for s in seeds]
             mean, sd, lo, hi = t_interval(diffs)
             entry["paired_diff"] = {"mean": mean, "std": sd, "ci95": [lo, hi], "n": len(diffs),
                                     "wins": sum(d > 0 for d in diffs)}
             entry["paired_diff_per_recording"] = {}
             for rec in recordings:
-                d = [by[(rec, name, s)]["cv_acc"] - by[(rec, baseline, s)]["cv_acc"] for s in seeds]
+                d = [by[(rec, name, s)]["acc"] - by[(rec, baseline, s)]["acc"] for s in seeds]
                 m, sd_, lo_, hi_ = t_interval(d)
                 entry["paired_diff_per_recording"][rec] = {"mean": m, "ci95": [lo_, hi_]}
         out[name] = entry
     return out
 
 
-def markdown(summary: dict, baseline: str) -> str:
-    lines = [f"| candidate | CV acc % (mean +- std) | CV delta-acc % | paired diff vs {baseline} (95% CI) | wins | "
+def markdown(summary: dict, baseline: str, protocol: str) -> str:
+    what = "CV" if protocol == "cv" else "prospective"
+    lines = [f"| candidate | {what} acc % (mean +- std) | {what} delta-acc % | paired diff vs {baseline} (95% CI) | wins | "
              "mined label agreement | s/run |", "|---|---|---|---|---|---|---|"]
     for name, e in summary.items():
         d = e.get("paired_diff")
         diff = "-" if d is None else f"{100 * d['mean']:+.2f} [{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}]"
         wins = "-" if d is None else f"{d['wins']}/{d['n']}"
         agree = "-" if e["mined_label_agreement"] is None else f"{e['mined_label_agreement']:.2f}"
-        lines.append(f"| {name} | {100 * e['cv_acc']:.2f} +- {100 * e['cv_acc_std']:.2f} | "
-                     f"{100 * e['cv_delta_acc']:.2f} | {diff} | {wins} | {agree} | {e['seconds_per_run']:.0f} |")
+        lines.append(f"| {name} | {100 * e['acc']:.2f} +- {100 * e['acc_std']:.2f} | "
+                     f"{100 * e['delta_acc']:.2f} | {diff} | {wins} | {agree} | {e['seconds_per_run']:.0f} |")
     return "\n".join(lines)
 
 
@@ -154,7 +206,13 @@ def main() -> None:
                    help="a candidate: a name, then --set overrides on top of --config (repeatable)")
     p.add_argument("--baseline", default=None, help="candidate the others are paired against (default: the first)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    p.add_argument("--folds", type=int, default=5, help="trial-grouped folds of the read-out")
+    p.add_argument("--protocol", choices=("cv", "prospective"), default="cv",
+                   help="cv: SSL on the non-test trials, read-out cross-validated over them; prospective: SSL on "
+                        "the first 62.5%% of the non-test trials (forwards and in reversed trial order), read-out "
+                        "of the last 25%% after a 12.5%% gap, as the test split (default cv)")
+    p.add_argument("--prospective-split", type=float, nargs=3, default=[0.625, 0.125, 0.25], metavar="F",
+                   help="train/val/predicted fractions of the non-test trials (prospective protocol)")
+    p.add_argument("--folds", type=int, default=5, help="trial-grouped folds of the read-out (cv protocol)")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes, 1 torch thread each)")
     p.add_argument("--set", dest="common", action="append", default=[], metavar="KEY=VALUE",
                    help="override applied to every candidate")
@@ -170,15 +228,24 @@ def main() -> None:
     threads = 1 if args.jobs > 1 else 0
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        stores = [prepare_store(d, tmp, i) for i, d in enumerate(data)]
+        if args.protocol == "prospective":
+            split = list(load_config(args.config, [f"data.path={data[0]}"]).data.split)
+            derived = [(f"{name}-{suffix}", npz) for i, (d, name) in enumerate(zip(data, names))
+                       for suffix, npz in non_test_recordings(d, split, tmp, i)]
+            names = [n for n, _ in derived]
+            stores = [prepare_store(npz, tmp, i) for i, (_, npz) in enumerate(derived)]
+        else:
+            stores = [prepare_store(d, tmp, i) for i, d in enumerate(data)]
         jobs = [{"recording": rec, "store": store, "candidate": name, "overrides": [*args.common, *ov],
-                 "seed": seed, "config": args.config, "tmp": tmp, "folds": args.folds, "threads": threads}
+                 "seed": seed, "config": args.config, "tmp": tmp, "folds": args.folds, "threads": threads,
+                 "protocol": args.protocol, "prospective_split": args.prospective_split}
                 for seed in args.seeds for rec, store in zip(names, stores) for name, ov in candidates]
         runs = run_jobs(run_one, jobs, args.jobs, lambda r: f"{r['recording']} {r['candidate']} seed {r['seed']}: "
-                        f"CV acc {100 * r['cv_acc']:.2f}% ({r['seconds']:.0f} s)")
+                        f"{args.protocol} acc {100 * r['acc']:.2f}% ({r['seconds']:.0f} s)")
     summary = summarize(runs, [n for n, _ in candidates], baseline, names)
-    print(markdown(summary, baseline), file=sys.stderr)
-    result = {"benchmark": "select", "recordings": names, "seeds": args.seeds, "folds": args.folds,
+    print(markdown(summary, baseline, args.protocol), file=sys.stderr)
+    result = {"benchmark": "select", "protocol": args.protocol, "recordings": names, "seeds": args.seeds,
+              "folds": args.folds, "prospective_split": args.prospective_split,
               "config": os.path.relpath(args.config, ROOT), "common_overrides": args.common,
               "candidates": {n: ov for n, ov in candidates}, "baseline": baseline, "summary": summary,
               "runs": sorted(runs, key=lambda r: (r["recording"], r["candidate"], r["seed"])),

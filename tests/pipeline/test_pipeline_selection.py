@@ -233,3 +233,29 @@ def test_mutual_and_context_target_knobs_train_and_are_validated(tmp_path):
         load_config(None, tiny_overrides(store, tmp_path / "y", **{"method.mining_keep_fraction": 0}))
     with pytest.raises(ConfigError, match="method.mining_context_target"):
         load_config(None, tiny_overrides(store, tmp_path / "x", **{"method.mining_context_target": True}))
+
+
+def test_prospective_recordings_hold_the_non_test_trials_forwards_and_backwards(tmp_path):
+    """The prospective protocol's two recordings: the non-test trials only (never a test
+    trial), in recording order and in reversed trial order, each trial's bins in order,
+    every per-bin array cut alike and the scalars kept."""
+    from benchmarks.selection import non_test_recordings
+
+    bins = np.array([3, 2, 4, 3, 2, 3, 4, 2, 3, 3])  # 10 trials
+    trial = np.repeat(np.arange(10) + 100, bins)
+    within = np.concatenate([np.arange(b) for b in bins])
+    n = len(trial)
+    src = tmp_path / "rec.npz"
+    np.savez(src, counts=np.arange(n * 2).reshape(n, 2), trial=trial, bin_in_trial=within,
+             target=trial % 8, bin_size=np.float64(0.1), velocity=np.ones((n, 2)))
+    (fwd_name, fwd), (bwd_name, bwd) = non_test_recordings(str(src), [0.7, 0.1, 0.2], str(tmp_path), 0)
+    assert (fwd_name, bwd_name) == ("fwd", "bwd")
+    with np.load(fwd) as f, np.load(bwd) as b:
+        assert list(dict.fromkeys(f["trial"])) == list(range(100, 108))  # the 2 test trials are gone
+        assert list(dict.fromkeys(b["trial"])) == list(range(107, 99, -1))
+        for z in (f, b):
+            assert float(z["bin_size"]) == 0.1 and z["counts"].shape == (bins[:8].sum(), 2)
+            for t in range(100, 108):
+                rows = z["trial"] == t
+                assert list(z["bin_in_trial"][rows]) == list(range(bins[t - 100]))  # bins in order
+                np.testing.assert_array_equal(z["counts"][rows], np.arange(n * 2).reshape(n, 2)[trial == t])
