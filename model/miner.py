@@ -30,7 +30,8 @@ def exclusion_mask(anchor_trial: torch.Tensor | None = None,
                    pool_time: torch.Tensor | None = None,
                    min_time_gap: float = 0.0,
                    anchor_store: torch.Tensor | None = None,
-                   pool_store: torch.Tensor | None = None) -> torch.Tensor:
+                   pool_store: torch.Tensor | None = None,
+                   min_trial_gap: int = 1) -> torch.Tensor:
     """Which pool candidates each anchor may NOT be paired with.
 
     Args:
@@ -44,6 +45,9 @@ def exclusion_mask(anchor_trial: torch.Tensor | None = None,
             from, or None (everything from one recording). Trial ids and times are only
             comparable within a recording, so both rules apply only where the stores match;
             candidates from another recording are never excluded.
+        min_trial_gap: candidates fewer than this many trials from the anchor's are
+            excluded (|trial_anchor - trial_pool| < min_trial_gap); the trial ids must then
+            be ranks in recording order. 1 (default) = the same trial only, for any ids.
 
     Returns:
         (B, L) bool, True = excluded. All False when no rule applies.
@@ -72,7 +76,13 @@ def exclusion_mask(anchor_trial: torch.Tensor | None = None,
         # on a CPU, a millisecond a step at B x L = 512 x 1024); int32 compares faster
         at = anchor_trial.to(device)
         at = torch.where(at >= 0, at, torch.full_like(at, -2)).to(torch.int32)
-        excluded = at[:, None] == pool_trial.to(device=device, dtype=torch.int32)[None, :]
+        pt = pool_trial.to(device=device, dtype=torch.int32)
+        if min_trial_gap <= 1:
+            excluded = at[:, None] == pt[None, :]
+        else:  # a pool row outside trials (-1) moved far away: never within the gap
+            pt = torch.where(pt >= 0, pt, torch.full_like(pt, -(2 ** 29)))
+            at = torch.where(at >= 0, at, torch.full_like(at, 2 ** 29))
+            excluded = (at[:, None] - pt[None, :]).abs_() < min_trial_gap
     if anchor_time is not None and min_time_gap > 0:
         near = (anchor_time.to(device)[:, None] - pool_time.to(device)[None, :]).abs_() < min_time_gap
         excluded = near if excluded is None else excluded.logical_or_(near)

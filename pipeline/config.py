@@ -80,6 +80,12 @@ class DataConfig:
     # null = auto: 0 when the store has trials (the same-trial rule already covers the
     # temporal neighbourhood), (jitter_max_bins + 1) bins when it has none.
     min_time_gap_s: float | None = None
+    # Mining never pairs an anchor with a candidate fewer than this many trials away, in
+    # recording order (trial data only): 0 = off (the paper: only the anchor's own trial is
+    # excluded, as 1). Counted in trials, not seconds, so a setting means the same whatever
+    # the bins' clock: real times, or the row-index times of a file that holds only some
+    # bins of each trial.
+    min_trial_gap: int = 0
     # Temporal jitter: the positive view is a training bin of the same trial within
     # +-jitter_max_bins bins (paper: "within 200 ms" = 2 bins of 100 ms).
     jitter_max_bins: int = 2
@@ -306,6 +312,7 @@ class Config:
         need(d.split[0] > 0, "data.split", "the train fraction must be > 0")
         need(d.min_speed >= 0, "data.min_speed", "must be >= 0")
         need(d.min_time_gap_s is None or d.min_time_gap_s >= 0, "data.min_time_gap_s", "must be >= 0 or null")
+        need(d.min_trial_gap >= 0, "data.min_trial_gap", "must be >= 0 (0 = off)")
         need(0 <= d.jitter_max_bins <= MAX_JITTER_BINS, "data.jitter_max_bins", f"must be 0..{MAX_JITTER_BINS}")
         need(d.loading in LOADINGS, "data.loading", f"must be one of {', '.join(LOADINGS)}")
         need(d.kind in DATA_KINDS, "data.kind", f"must be one of {', '.join(DATA_KINDS)}")

@@ -67,6 +67,8 @@ def check_kind(cfg: Config, kind: str, normalization=None) -> None:
         if cfg.method.name in NEURAL_ONLY_METHODS:
             raise UserError(f"method.name {cfg.method.name} is a neural-data baseline; image runs take myow, byol "
                             "or simclr")
+        if d.min_trial_gap:
+            raise UserError("data.min_trial_gap is for neural data with trials: images have none; set it to 0")
         if d.min_time_gap_s:
             raise UserError("data.min_time_gap_s is for neural data: images have no time, mining only excludes the "
                             "anchor's own image; leave it null")

@@ -38,6 +38,7 @@ class Plan:
     mining_ramp_steps: int  # lambda ramps linearly to its maximum
     min_time_gap_s: float  # mining time-exclusion window (0 = off)
     multi_store: bool = False  # samples come from several recordings (compare store ids)
+    min_trial_gap: int = 0  # mining trial-exclusion window in trials (0 = off: the same trial only)
 
     @classmethod
     def build(cls, cfg: Config, steps_per_epoch: int, min_time_gap_s: float = 0.0,
@@ -47,7 +48,8 @@ class Plan:
                    warmup_steps=round(cfg.optim.warmup_epochs * steps_per_epoch),
                    mining_warmup_steps=round(cfg.method.mining_warmup_epochs * steps_per_epoch),
                    mining_ramp_steps=round(cfg.method.mining_ramp_epochs * steps_per_epoch),
-                   min_time_gap_s=float(min_time_gap_s), multi_store=multi_store)
+                   min_time_gap_s=float(min_time_gap_s), multi_store=multi_store,
+                   min_trial_gap=cfg.data.min_trial_gap)
 
 
 def schedules(step: int, cfg: Config, plan: Plan) -> tuple[float, float, float]:
@@ -157,8 +159,10 @@ def train_step(model: MYOW | nn.Module, optimizer: torch.optim.Optimizer,
             pool_y = core.target_representation(x_pool)  # (L, D), no grad
         pool_y, pool_meta = gather(pool_y, pool_meta)  # (world_size * L, D): the global pool
         stores = (meta["store"], pool_meta["store"]) if plan.multi_store else (None, None)
-        exclude = exclusion_mask(meta["trial"], pool_meta["trial"], meta["time"], pool_meta["time"],
-                                 plan.min_time_gap_s, *stores)  # (B, world_size * L) bool, True = not allowed
+        trial_key = "trial_rank" if plan.min_trial_gap > 1 else "trial"  # ranks: a gap counts trials
+        exclude = exclusion_mask(meta[trial_key], pool_meta[trial_key], meta["time"], pool_meta["time"],
+                                 plan.min_time_gap_s, *stores,
+                                 min_trial_gap=plan.min_trial_gap)  # (B, world_size * L) bool, True = not allowed
         if method.oracle:  # diagnostic only: candidates of another label are not allowed
             other = meta["label"][:, None] != pool_meta["label"][None, :]
             if method.oracle_error_rate > 0:  # ... except for anchors drawn to get a wrong-label pair

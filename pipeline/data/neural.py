@@ -275,6 +275,9 @@ def _build_session(cfg: Config, rec: Recording, normalization: Normalization | N
                             "or method.mining_context_bins=0")
         context = MiningContext(samples.rows, rec.trial, rec.bin_start_s, rec.bin_size_s,
                                 cfg.method.mining_context_bins, cfg.model.out_dim)
+    if d.min_trial_gap and not rec.has_trials:
+        raise UserError(f"{rec.url}: data.min_trial_gap needs trials and the store has none; "
+                        "use data.min_time_gap_s (seconds) instead")
     gap = d.min_time_gap_s
     if gap is None:
         gap = 0.0 if rec.has_trials else (d.jitter_max_bins + 1) * rec.bin_size_s

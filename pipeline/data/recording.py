@@ -10,6 +10,8 @@ turns permanent ones (store deleted, corrupt chunk, no credentials) into one cle
 
 from __future__ import annotations
 
+import functools
+
 import errno
 import logging
 from dataclasses import dataclass, field
@@ -27,7 +29,7 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 
-__all__ = ["Recording", "CountsReader", "ArrayReader", "packed_counts", "unpacked_counts", "open_store", "load_recording", "hand_speed", "split_rows", "SPLITS",
+__all__ = ["Recording", "CountsReader", "ArrayReader", "packed_counts", "unpacked_counts", "open_store", "load_recording", "hand_speed", "split_rows", "trial_ranks", "SPLITS",
            "is_transient"]
 
 # Errors of a network or a busy server (s3fs/aiobotocore/aiohttp): worth another try.
@@ -188,6 +190,13 @@ class Recording:
     def has_trials(self) -> bool:
         return bool((self.trial >= 0).any())
 
+    @functools.cached_property
+    def trial_rank(self) -> np.ndarray:
+        """(T,) int64: each row's trial numbered in recording order (by its first row, as
+        :func:`split_rows` orders them), -1 outside trials; what ``data.min_trial_gap``
+        counts in."""
+        return trial_ranks(self.trial)
+
     @property
     def main_label(self) -> str | None:
         """``target`` when present, else the first label by name, else None."""
@@ -212,11 +221,12 @@ class Recording:
             yield start, self.read_rates(start, min(start + step, self.n_rows))
 
     def meta(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Exact metadata of store rows (n,) int64: store, time (bin_start_s), trial, row [, label]."""
+        """Exact metadata of store rows (n,) int64: store, time (bin_start_s), trial, trial_rank, row [, label]."""
         r = rows.numpy()
         out = {"store": torch.full((len(r),), self.store_id, dtype=torch.int64),
                "time": torch.from_numpy(self.bin_start_s[r]),
                "trial": torch.from_numpy(self.trial[r]),
+               "trial_rank": torch.from_numpy(self.trial_rank[r]),
                "row": rows.clone()}
         if self.main_label is not None:
             out["label"] = torch.from_numpy(self.labels[self.main_label][r])
@@ -267,6 +277,18 @@ def _cut(n: int, fractions) -> tuple[int, int]:
     n_train = max(1, int(np.floor(n * f_train + 1e-9)))
     n_trainval = max(n_train, int(np.floor(n * (f_train + f_val) + 1e-9)))
     return n_train, min(n_trainval, n)
+
+
+def trial_ranks(trial: np.ndarray) -> np.ndarray:
+    """(T,) int64 rank of each row's trial in recording order (ordered by first row), -1 outside trials."""
+    trial = np.asarray(trial)
+    out = np.full(trial.shape[0], -1, dtype=np.int64)
+    inside = trial >= 0
+    if inside.any():
+        ids, first = np.unique(trial[inside], return_index=True)
+        rank = np.argsort(np.argsort(first, kind="stable"), kind="stable")
+        out[inside] = rank[np.searchsorted(ids, trial[inside])]
+    return out
 
 
 def split_rows(trial: np.ndarray, fractions=(0.7, 0.1, 0.2)) -> dict[str, np.ndarray]:

@@ -23,7 +23,7 @@ class Samples:
 
     rows: np.ndarray  # (n,) int64 store rows, ascending
     rates: torch.Tensor  # (n, N) float32 Hz
-    meta: dict[str, torch.Tensor]  # each (n,): store, time, trial, row [, label]
+    meta: dict[str, torch.Tensor]  # each (n,): store, time, trial, trial_rank, row [, label]
     neighbors: torch.Tensor  # (n, 2J) int64 positions of jitter neighbours, valid ones first, -1 pad
     n_neighbors: torch.Tensor  # (n,) int64
 
@@ -40,6 +40,7 @@ def training_samples(rec: Recording, rows: np.ndarray, jitter_max_bins: int) -> 
         "store": torch.full((len(rows),), rec.store_id, dtype=torch.int64),
         "time": torch.from_numpy(rec.bin_start_s[rows].copy()),
         "trial": torch.from_numpy(rec.trial[rows].copy()),
+        "trial_rank": torch.from_numpy(rec.trial_rank[rows].copy()),
         "row": idx.clone(),
     }
     if rec.main_label is not None:

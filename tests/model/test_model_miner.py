@@ -140,6 +140,19 @@ def test_exclusion_mask_trials_and_no_trial():
     assert torch.equal(m, expected)
 
 
+def test_exclusion_mask_trial_gap_counts_ranks():
+    at = torch.tensor([5, 0, -1])
+    pt = torch.tensor([5, 4, 3, 7, 8, -1, 0])
+    m = exclusion_mask(at, pt, min_trial_gap=3)
+    expected = torch.tensor([
+        [1, 1, 1, 1, 0, 0, 0],  # |5 - p| < 3: 5, 4, 3, 7; 8 is 3 away; -1 is outside trials
+        [0, 0, 0, 0, 0, 0, 1],
+        [0, 0, 0, 0, 0, 0, 0],  # an anchor outside trials is never excluded by the trial rule
+    ], dtype=torch.bool)
+    assert torch.equal(m, expected)
+    assert torch.equal(exclusion_mask(at, pt, min_trial_gap=1), exclusion_mask(at, pt))  # 1 = same trial
+
+
 def test_exclusion_mask_time_gap():
     t_a = torch.tensor([0.0, 10.0])
     t_p = torch.tensor([0.0, 0.5, 1.0, 9.2, 12.0])

@@ -263,3 +263,11 @@ def test_training_samples_empty_train_split_is_an_error(store):
     from preprocess.errors import UserError
     with pytest.raises(UserError, match="min_speed"):
         build_train_data(_cfg(store, **{"data.min_speed": 1000}))
+
+
+def test_trial_ranks_follow_recording_order():
+    from pipeline.data.recording import trial_ranks
+
+    trial = np.array([7, 7, -1, 2, 2, 9, -1, 4])
+    assert trial_ranks(trial).tolist() == [0, 0, -1, 1, 1, 2, -1, 3]
+    assert trial_ranks(np.array([-1, -1])).tolist() == [-1, -1]

@@ -116,12 +116,50 @@ def test_train_step_contract(store):
     out = train_step(model, opt, next(data.sessions[0].anchors), next(data.sessions[0].pool), 5, cfg, torch.Generator().manual_seed(0),
                      plan=plan, gather=gather)
     assert STEP_KEYS <= set(out) and all(isinstance(out[k], float) for k in STEP_KEYS)
-    assert gathered == {"shape": (64, 8), "keys": {"store", "time", "trial", "row", "label"}}
+    assert gathered == {"shape": (64, 8), "keys": {"store", "time", "trial", "trial_rank", "row", "label"}}
     lr, tau, lam = schedules(5, cfg, plan)
     assert opt.param_groups[0]["lr"] == lr == out["learning_rate"] and out["mining_weight"] == lam
     assert out["loss_total"] == pytest.approx(out["loss_augmented"] + lam * out["loss_mined"], abs=1e-5)
     after = list(model.target.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, after))  # EMA moved the target
+
+
+def test_min_trial_gap_keeps_mined_views_that_many_trials_away(store):
+    """data.min_trial_gap: with the pool drawn from the same training trials, every mined
+    view the step picks is at least that many trials (in recording order) from its anchor."""
+    cfg = build_config(overrides=tiny_overrides(store, Path("unused")) + ["data.min_trial_gap=3"])
+    data = build_train_data(cfg)
+    plan = Plan.build(cfg, data.steps_per_epoch, data.sessions[0].min_time_gap_s)
+    assert plan.min_trial_gap == 3
+    torch.manual_seed(0)
+    model = build_model(cfg, data.sessions[0].recording.n_units)
+    opt = build_optimizer(cfg, model.online_parameters())
+    seen = {}
+
+    def gather(pool_y, pool_meta):
+        seen["pool_rank"] = pool_meta["trial_rank"]
+        return pool_y, pool_meta
+
+    anchors, pool = next(data.sessions[0].anchors), next(data.sessions[0].pool)
+    from model import miner
+    real = miner.mine_views
+    picked = {}
+
+    def spy(query, keys, k, generator, exclude, **kw):
+        picked["idx"] = real(query, keys, k, generator, exclude, **kw)
+        return picked["idx"]
+
+    import pipeline.step as step_mod
+    step_mod.mine_views, saved = spy, step_mod.mine_views
+    try:
+        train_step(model, opt, anchors, pool, 5, cfg, torch.Generator().manual_seed(0), plan=plan, gather=gather)
+    finally:
+        step_mod.mine_views = saved
+    idx = picked["idx"]
+    ok = idx >= 0
+    assert ok.sum() > 0
+    gap = (anchors[-1]["trial_rank"][ok] - seen["pool_rank"][idx[ok]]).abs()
+    assert int(gap.min()) >= 3
 
 
 def test_schedules_follow_the_plan():
