@@ -197,6 +197,39 @@ def parse_candidates(raw: list[list[str]]) -> list[tuple[str, list[str]]]:
     return out
 
 
+def merge(paths: list[str], candidates: list[str], baseline: str) -> None:
+    """Summarise the runs of earlier outputs (``--merge``)."""
+    runs: dict[tuple, dict] = {}
+    protocols, settings = set(), {}
+    for path in paths:
+        try:
+            out = json.loads(Path(path).read_text().strip().splitlines()[-1])
+        except (OSError, ValueError, IndexError) as err:
+            raise SystemExit(f"{path}: not an output of benchmarks/selection.py ({err})")
+        protocols.add(out.get("protocol", "cv"))
+        for name, overrides in out.get("candidates", {}).items():
+            full = [*out.get("common_overrides", []), *overrides]
+            if settings.setdefault(name, full) != full:
+                raise SystemExit(f"--merge: candidate {name!r} has other settings in {path}: {full} vs {settings[name]}")
+        for r in out["runs"]:
+            runs.setdefault((r["recording"], r["candidate"], r["seed"]), r)
+    if len(protocols) != 1:
+        raise SystemExit(f"--merge: the outputs mix protocols {sorted(protocols)}")
+    pairs = {(rec, seed) for rec, _, seed in runs}
+    pairs = sorted(p for p in pairs if all((p[0], c, p[1]) in runs for c in candidates))
+    if not pairs:
+        raise SystemExit(f"--merge: no (recording, seed) has runs of every candidate {candidates}")
+    recordings, seeds = sorted({r for r, _ in pairs}), sorted({s for _, s in pairs})
+    if len(pairs) != len(recordings) * len(seeds):
+        raise SystemExit("--merge: the candidates' runs do not cover the same seeds on every recording")
+    kept = [runs[(rec, c, s)] for rec, s in pairs for c in candidates]
+    summary = summarize(kept, candidates, baseline, recordings)
+    protocol = protocols.pop()
+    print(markdown(summary, baseline, protocol), file=sys.stderr)
+    print(json.dumps({"benchmark": "select", "protocol": protocol, "merged": paths, "recordings": recordings,
+                      "seeds": seeds, "baseline": baseline, "summary": summary}))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", action="append", default=None, metavar="REC",
@@ -216,11 +249,18 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes, 1 torch thread each)")
     p.add_argument("--set", dest="common", action="append", default=[], metavar="KEY=VALUE",
                    help="override applied to every candidate")
+    p.add_argument("--merge", nargs="+", metavar="OUT.json", default=None,
+                   help="train nothing: pool the runs of earlier outputs of this script (their JSON lines; a "
+                        "run found twice is kept once) and summarise the --candidate names over the (recording, "
+                        "seed) pairs that all of them ran")
     args = p.parse_args()
     candidates = parse_candidates(args.candidate)
     baseline = args.baseline or candidates[0][0]
     if baseline not in {n for n, _ in candidates}:
         raise SystemExit(f"--baseline {baseline}: not a candidate")
+    if args.merge:
+        merge(args.merge, [n for n, _ in candidates], baseline)
+        return
     data = args.data or [str(CHEWIE)]
     names = [Path(d.rstrip("/")).stem for d in data]
     if len(set(names)) != len(names):

@@ -259,3 +259,30 @@ def test_prospective_recordings_hold_the_non_test_trials_forwards_and_backwards(
                 rows = z["trial"] == t
                 assert list(z["bin_in_trial"][rows]) == list(range(bins[t - 100]))  # bins in order
                 np.testing.assert_array_equal(z["counts"][rows], np.arange(n * 2).reshape(n, 2)[trial == t])
+
+
+def test_selection_merge_pools_earlier_outputs_and_refuses_mismatches(tmp_path, capsys):
+    """--merge: runs of several outputs pooled (a run found twice kept once), paired over the
+    seeds every candidate ran; a candidate with other settings in another output is refused."""
+    from benchmarks.selection import merge
+
+    def run(cand, seed, acc):
+        return {"recording": "r", "candidate": cand, "seed": seed, "acc": acc, "delta_acc": acc, "seconds": 1.0,
+                "mined_label_agreement_ratio": None}
+
+    a = {"protocol": "prospective", "candidates": {"byol": ["method.name=byol"], "myow": []},
+         "runs": [run("byol", 0, 0.60), run("myow", 0, 0.62), run("byol", 1, 0.50), run("myow", 1, 0.55)]}
+    b = {"protocol": "prospective", "candidates": {"byol": ["method.name=byol"], "myow": []},
+         "runs": [run("byol", 1, 0.50), run("byol", 2, 0.70), run("myow", 2, 0.66), run("byol", 3, 0.1)]}
+    pa, pb = tmp_path / "a.json", tmp_path / "b.json"
+    pa.write_text("noise\n" + json.dumps(a))
+    pb.write_text(json.dumps(b))
+    merge([str(pa), str(pb)], ["byol", "myow"], "byol")
+    out = json.loads(capsys.readouterr().out)
+    assert out["seeds"] == [0, 1, 2]  # seed 3 has no myow run
+    diff = out["summary"]["myow"]["paired_diff"]
+    assert diff["n"] == 3 and diff["mean"] == pytest.approx((0.02 + 0.05 - 0.04) / 3)
+    b["candidates"]["myow"] = ["method.k=1"]
+    pb.write_text(json.dumps(b))
+    with pytest.raises(SystemExit, match="other settings"):
+        merge([str(pa), str(pb)], ["byol", "myow"], "byol")
