@@ -312,13 +312,13 @@ def split_rows(trial: np.ndarray, fractions=(0.7, 0.1, 0.2)) -> dict[str, np.nda
     split_of = np.zeros(T, dtype=np.int8)
     in_trial = trial >= 0
     if in_trial.any():
-        ids, first = np.unique(trial[in_trial], return_index=True)
-        rank = np.argsort(np.argsort(first, kind="stable"), kind="stable")  # recording order of each id
-        n_train, n_trainval = _cut(len(ids), fractions)
-        split_of_rank = np.zeros(len(ids), dtype=np.int8)
+        rank = trial_ranks(trial)[in_trial]  # recording order of each row's trial
+        n_trials = int(rank.max()) + 1
+        n_train, n_trainval = _cut(n_trials, fractions)
+        split_of_rank = np.zeros(n_trials, dtype=np.int8)
         split_of_rank[n_train:n_trainval] = 1
         split_of_rank[n_trainval:] = 2
-        row_split = split_of_rank[rank[np.searchsorted(ids, trial[in_trial])]]
+        row_split = split_of_rank[rank]
         rows_in = np.flatnonzero(in_trial)
         # rows outside trials follow the last trial row before them
         last = np.maximum.accumulate(np.where(in_trial, np.arange(T), -1))

@@ -201,7 +201,7 @@ def test_batches_and_metadata(store):
     x1, x2, x_m, meta = next(data.sessions[0].anchors)
     assert x1.shape == x2.shape == x_m.shape == (32, 16)
     assert not torch.equal(x1, x_m)  # x_m is its own draw of the anchor
-    assert set(meta) == {"store", "time", "trial", "row", "label"}
+    assert set(meta) == {"store", "time", "trial", "trial_rank", "row", "label"}
     rec = load_recording(store)
     rows = meta["row"].numpy()
     assert np.array_equal(meta["trial"].numpy(), rec.trial[rows])
