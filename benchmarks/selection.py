@@ -62,25 +62,26 @@ def non_test_recordings(path: str, split: list[float], tmp: str, index: int) -> 
     ``path`` in recording order ("fwd") and in reversed trial order ("bwd")."""
     import numpy as np
 
-    from pipeline.data.recording import split_rows
+    from pipeline.data.recording import split_rows, trial_ranks
 
     if not path.endswith(".npz"):
         raise SystemExit(f"{path}: --protocol prospective takes .npz recordings (binned counts with a trial array)")
-    with np.load(path, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"{path}: cannot read it as an .npz of binned counts ({err})")
     if "trial" not in arrays:
         raise SystemExit(f"{path}: no 'trial' array; the prospective protocol splits by trials")
-    n_rows = arrays["trial"].shape[0]
     trial = arrays["trial"]
+    n_rows = trial.shape[0]
+    rank = trial_ranks(trial)  # recording order of each row's trial, -1 outside trials
     rows = split_rows(trial, split)
-    keep = np.sort(np.concatenate([rows["train"], rows["val"]]))
-    keep = keep[trial[keep] >= 0]
-    ids, first = np.unique(trial[keep], return_index=True)
-    order = ids[np.argsort(first, kind="stable")]  # non-test trials in recording order
-    by_trial = {t: keep[trial[keep] == t] for t in order}
+    keep = np.concatenate([rows["train"], rows["val"]])
+    keep = keep[rank[keep] >= 0]
     out = []
-    for suffix, trials in (("fwd", order), ("bwd", order[::-1])):
-        take = np.concatenate([by_trial[t] for t in trials])
+    for suffix, sign in (("fwd", 1), ("bwd", -1)):
+        take = keep[np.lexsort((keep, sign * rank[keep]))]  # trials in (reversed) order, rows in order within
         derived = {k: (v[take] if v.ndim and v.shape[0] == n_rows else v) for k, v in arrays.items()}
         dest = os.path.join(tmp, f"rec{index}-{suffix}.npz")
         np.savez(dest, **derived)
@@ -206,6 +207,8 @@ def merge(paths: list[str], candidates: list[str], baseline: str) -> None:
             out = json.loads(Path(path).read_text().strip().splitlines()[-1])
         except (OSError, ValueError, IndexError) as err:
             raise SystemExit(f"{path}: not an output of benchmarks/selection.py ({err})")
+        if not isinstance(out, dict) or "runs" not in out:
+            raise SystemExit(f"{path}: not an output of benchmarks/selection.py (no runs)")
         protocols.add(out.get("protocol", "cv"))
         for name, overrides in out.get("candidates", {}).items():
             full = [*out.get("common_overrides", []), *overrides]
