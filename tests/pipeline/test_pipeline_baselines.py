@@ -115,3 +115,12 @@ def test_supervised_writes_nothing_when_its_data_fails(tmp_path):
     with pytest.raises(UserError):
         train_supervised(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_trial_gap_is_refused_for_images():
+    from pipeline.kinds import check_kind
+
+    cfg = build_config({"data": {"kind": "images", "min_trial_gap": 3}, "model": {"encoder": "convnet"}})
+    with pytest.raises(UserError, match="data.min_trial_gap is for neural data"):
+        check_kind(cfg, "images")
+    check_kind(build_config({"data": {"kind": "images"}, "model": {"encoder": "convnet"}}), "images")  # 0 is fine

@@ -259,6 +259,12 @@ def test_store_without_trials(store_no_trials):
     assert data.sessions[0].splits["train"].max() < data.sessions[0].splits["val"].min()
 
 
+def test_min_trial_gap_on_a_store_without_trials_is_an_error(store_no_trials):
+    from preprocess.errors import UserError
+    with pytest.raises(UserError, match="min_trial_gap needs trials"):
+        build_train_data(_cfg(store_no_trials, **{"data.min_trial_gap": 3}))
+
+
 def test_training_samples_empty_train_split_is_an_error(store):
     from preprocess.errors import UserError
     with pytest.raises(UserError, match="min_speed"):
