@@ -7,7 +7,11 @@ myow-neuro). Image setting: a small convnet with MLP(., 512, 128) heads on 28x28
 B = L = 256, views given as tensors (the data path is not timed there).
 
 MYOW and BYOL steps are interleaved in blocks so machine noise hits both alike; the
-figures are medians over the timed steps after a warm-up.
+figures are medians over the timed steps after a warm-up. ``neural_mflop`` counts the
+matrix-multiply FLOPs of one step of each (``torch.utils.flop_counter``, forward and
+backward; ``reach_config_flop_ratio`` for the shipped configs). ``data_threads_cost``: the
+shipped steps' time over the same steps with the prefetch threads idle (batches drawn
+beforehand), i.e. what producing the next batches in threads of the process costs the step.
 
 Usage: python benchmarks/step.py [--steps 150] [--data ../shared/data/.../chewie.npz]
 """
@@ -23,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -38,9 +43,11 @@ from pipeline.step import Plan, train_step  # noqa: E402
 CHEWIE = ROOT.parent / "shared" / "data" / "reach-chewie-2013-10-03" / "chewie-2013-10-03-binned-100ms.npz"
 
 
-def neural_stepper(store: str, method: str, mining_view: str | None = None, seed: int = 0):
+def neural_stepper(store: str, method: str, mining_view: str | None = None, seed: int = 0, predrawn: int = 0):
     """A step of configs/reach_myow.yaml as the trainer runs it; ``mining_view`` None keeps
-    the config's own (the shipped one: view 1)."""
+    the config's own (the shipped one: view 1). ``predrawn`` > 0: that many batches are drawn
+    first and the steps cycle through them, so the prefetch threads sit idle (their queues
+    are full): the step without the data threads competing for the process."""
     view = [f"method.mining_view={mining_view}"] if mining_view else []
     cfg = load_config(str(ROOT / "configs" / "reach_myow.yaml"),
                       [f"data.path={store}", f"method.name={method}", *view, f"run.seed={seed}", "run.progress=false"])
@@ -53,10 +60,15 @@ def neural_stepper(store: str, method: str, mining_view: str | None = None, seed
     # time the steady state: past the warm-up/ramp of lambda
     state = {"step": plan.mining_ramp_steps + 1}
 
+    session = data.sessions[0]
+    mining = cfg.effective_mining_weight > 0
+    batches = [(next(session.anchors), next(session.pool) if mining else None) for _ in range(predrawn)]
+
     def step() -> None:
-        session = data.sessions[0]
-        anchors = next(session.anchors)
-        pool = next(session.pool) if cfg.effective_mining_weight > 0 else None
+        if batches:
+            anchors, pool = batches[state["step"] % len(batches)]
+        else:
+            anchors, pool = next(session.anchors), next(session.pool) if mining else None
         # as the trainer runs it: the shipped config's mining by temporal context included
         train_step(model, opt, anchors, pool, state["step"], cfg, gen, plan=plan, context=session.mining_context)
         state["step"] += 1
@@ -101,6 +113,14 @@ def interleaved(steppers: dict, steps: int, warmup: int, block: int = 10) -> dic
     return {name: statistics.median(v) for name, v in times.items()}
 
 
+def step_mflop(step) -> float:
+    """Matrix-multiply MFLOPs (forward + backward) of one call of ``step``."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return counter.get_total_flops() / 1e6
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=150)
@@ -113,15 +133,25 @@ def main() -> None:
     result: dict = {"benchmark": "step", "threads": threads, "steps": args.steps}
     with tempfile.TemporaryDirectory() as tmp:
         store = prepare_store(args.data, tmp)
-        med = interleaved({"myow_separate": neural_stepper(store, "myow", "separate"),
-                           "myow_anchor": neural_stepper(store, "myow", "anchor"),
-                           "byol": neural_stepper(store, "byol")}, args.steps, args.warmup)
+        steppers = {"myow_separate": neural_stepper(store, "myow", "separate"),
+                    "myow_anchor": neural_stepper(store, "myow", "anchor"),
+                    "byol": neural_stepper(store, "byol"),
+                    # the shipped configs again with the data threads idle: what they cost the step
+                    "myow_data_idle": neural_stepper(store, "myow", predrawn=10),
+                    "byol_data_idle": neural_stepper(store, "byol", predrawn=10)}
+        mflop = {name: step_mflop(fn) for name, fn in steppers.items()}
+        med = interleaved(steppers, args.steps, args.warmup)
     result["neural_ms"] = {k: round(v * 1000, 3) for k, v in med.items()}
+    result["neural_mflop"] = {k: round(v, 1) for k, v in mflop.items()}
     result["neural_myow_over_byol"] = round(med["myow_separate"] / med["byol"], 3)
     result["neural_myow_anchor_view_over_byol"] = round(med["myow_anchor"] / med["byol"], 3)
     # configs/reach_{myow,byol}.yaml as shipped, with the config's own mining view (view 1)
     shipped_view = load_config(str(ROOT / "configs" / "reach_myow.yaml")).method.mining_view
     result["reach_config_myow_over_byol"] = round(med[f"myow_{shipped_view}"] / med["byol"], 3)
+    result["reach_config_flop_ratio"] = round(mflop[f"myow_{shipped_view}"] / mflop["byol"], 3)
+    # > 1: the prefetch threads (sampling and augmenting the next batches) slow the step down
+    result["data_threads_cost"] = {"myow": round(med[f"myow_{shipped_view}"] / med["myow_data_idle"], 3),
+                                   "byol": round(med["byol"] / med["byol_data_idle"], 3)}
     med = interleaved({"myow": image_stepper("myow"), "byol": image_stepper("byol")}, max(20, args.steps // 5),
                       max(3, args.warmup // 5), block=5)
     result["image_ms"] = {k: round(v * 1000, 2) for k, v in med.items()}

@@ -37,5 +37,5 @@ def ema_update_(target: nn.Module, online: nn.Module, tau: float) -> None:
     if tp:
         # lerp(xi, theta, 1 - tau) = xi + (1 - tau)(theta - xi); one fused multi-tensor kernel.
         torch._foreach_lerp_(tp, op, 1.0 - float(tau))
-    for t, o in zip(tb, ob):
-        t.copy_(o)
+    if tb:
+        torch._foreach_copy_(tb, ob)  # one call for every buffer, not a Python loop of copies

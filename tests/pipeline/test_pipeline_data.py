@@ -133,11 +133,11 @@ def test_pepper_and_noise_apply_to_a_share_of_samples():
 
 
 def test_bernoulli_masks_exact_at_the_ends_unbiased_between():
-    rng = np.random.Generator(np.random.SFC64(0))
-    assert Augmenter._bernoulli(rng, (5000,), 1.0).all() and not Augmenter._bernoulli(rng, (5000,), 0.0).any()
-    assert Augmenter._bernoulli(rng, (200_000,), 0.3).float().mean().item() == pytest.approx(0.3, abs=0.005)
-    p = np.array([[0.0], [0.25], [0.999]])  # per-row probabilities broadcast over columns
-    mask = Augmenter._bernoulli(rng, (3, 100_000), p)
+    gen = torch.Generator().manual_seed(0)
+    assert Augmenter._bernoulli((5000,), 1.0, gen).all() and not Augmenter._bernoulli((5000,), 0.0, gen).any()
+    assert Augmenter._bernoulli((200_000,), 0.3, gen).float().mean().item() == pytest.approx(0.3, abs=0.005)
+    p = torch.tensor([[0.0], [0.25], [0.999]])  # per-row probabilities broadcast over columns
+    mask = Augmenter._bernoulli((3, 100_000), p, gen)
     assert mask.shape == (3, 100_000) and mask.dtype == torch.bool
     assert mask.float().mean(1).tolist() == pytest.approx([0.0, 0.25, 0.999], abs=0.006)
 

@@ -1,9 +1,11 @@
 """Behaviour pinned across refactors: the fixture runs reproduce their metrics.jsonl bytes.
 
 The fixtures (tests/fixtures/*.metrics.jsonl) were recorded by
-tests/fixtures/record_layout_fixtures.py before the layout redesign; the wall-clock fields
-are zeroed, every other byte (losses, schedules, mining statistics, sample counts) must
-match. Skipped when ../shared/data is absent.
+tests/fixtures/record_layout_fixtures.py before the layout redesign, and re-recorded once
+since, on purpose: the fused optimizer and the torch-drawn augmentation masks of 2026-12-02
+changed the numbers (README "Benchmarks"). The wall-clock fields are zeroed, every other
+byte (losses, schedules, mining statistics, sample counts) must match. Skipped when
+../shared/data is absent.
 """
 
 from __future__ import annotations
