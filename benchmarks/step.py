@@ -13,7 +13,11 @@ backward; ``reach_config_flop_ratio`` for the shipped configs). ``data_threads_c
 shipped steps' time over the same steps with the prefetch threads idle (batches drawn
 beforehand), i.e. what producing the next batches in threads of the process costs the step.
 
-Usage: python benchmarks/step.py [--steps 150] [--data ../shared/data/.../chewie.npz]
+With ``--profile``, ``reach_config_extra_cost`` says where the shipped MYOW step's extra time
+goes (op self-time per step, MYOW minus BYOL) and its ``matmul_floor``: the ratio if every
+extra op but the matrix multiplies cost nothing.
+
+Usage: python benchmarks/step.py [--steps 150] [--threads 1] [--profile] [--data ../shared/data/.../chewie.npz]
 """
 
 from __future__ import annotations
@@ -121,12 +125,50 @@ def step_mflop(step) -> float:
     return counter.get_total_flops() / 1e6
 
 
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::addmm_")
+
+
+def op_self_ms(step, steps: int = 30) -> dict[str, float]:
+    """Self CPU milliseconds per step of each aten op over ``steps`` calls (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    return {e.key: e.self_cpu_time_total / 1e3 / steps for e in prof.key_averages() if e.key.startswith("aten::")}
+
+
+def extra_cost_profile(myow_step, byol_step, rounds: int = 3) -> dict:
+    """Where the shipped MYOW step's extra time goes: ``rounds`` profiles of each method,
+    alternating, each op's median over the rounds (one profile can catch a slow spell).
+
+    ``matmul_floor`` = (BYOL op time + MYOW's extra matmul time) / BYOL op time: the
+    MYOW/BYOL ratio if every extra op but the matrix multiplies cost nothing.
+    """
+    runs: dict[str, list[dict[str, float]]] = {"myow": [], "byol": []}
+    for _ in range(rounds):
+        runs["myow"].append(op_self_ms(myow_step, 20))
+        runs["byol"].append(op_self_ms(byol_step, 20))
+    myow, byol = ({k: statistics.median(r.get(k, 0.0) for r in rs) for k in set().union(*rs)}
+                  for rs in (runs["myow"], runs["byol"]))
+    extra = {k: myow.get(k, 0.0) - byol.get(k, 0.0) for k in set(myow) | set(byol)}
+    extra_mm = sum(extra.get(k, 0.0) for k in MATMUL_OPS)
+    top = sorted(((v, k) for k, v in extra.items() if k not in MATMUL_OPS), reverse=True)[:8]
+    byol_total = sum(byol.values())
+    return {"myow_op_ms": round(sum(myow.values()), 2), "byol_op_ms": round(byol_total, 2),
+            "extra_matmul_ms": round(extra_mm, 2), "extra_other_ms": {k: round(v, 2) for v, k in top},
+            "matmul_floor": round((byol_total + extra_mm) / byol_total, 3)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--data", default=str(CHEWIE))
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--profile", action="store_true",
+                   help="also profile the shipped MYOW and BYOL steps: where MYOW's extra time goes "
+                        "(reach_config_extra_cost, with its matmul_floor)")
     args = p.parse_args()
     threads = set_threads(args.threads)
     torch.set_flush_denormal(True)
@@ -141,12 +183,14 @@ def main() -> None:
                     "byol_data_idle": neural_stepper(store, "byol", predrawn=10)}
         mflop = {name: step_mflop(fn) for name, fn in steppers.items()}
         med = interleaved(steppers, args.steps, args.warmup)
+        shipped_view = load_config(str(ROOT / "configs" / "reach_myow.yaml")).method.mining_view
+        if args.profile:
+            result["reach_config_extra_cost"] = extra_cost_profile(steppers[f"myow_{shipped_view}"], steppers["byol"])
     result["neural_ms"] = {k: round(v * 1000, 3) for k, v in med.items()}
     result["neural_mflop"] = {k: round(v, 1) for k, v in mflop.items()}
     result["neural_myow_over_byol"] = round(med["myow_separate"] / med["byol"], 3)
     result["neural_myow_anchor_view_over_byol"] = round(med["myow_anchor"] / med["byol"], 3)
     # configs/reach_{myow,byol}.yaml as shipped, with the config's own mining view (view 1)
-    shipped_view = load_config(str(ROOT / "configs" / "reach_myow.yaml")).method.mining_view
     result["reach_config_myow_over_byol"] = round(med[f"myow_{shipped_view}"] / med["byol"], 3)
     result["reach_config_flop_ratio"] = round(mflop[f"myow_{shipped_view}"] / mflop["byol"], 3)
     # > 1: the prefetch threads (sampling and augmenting the next batches) slow the step down
