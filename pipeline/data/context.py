@@ -16,8 +16,10 @@ every training sample, refreshed with the candidates' own target representations
 every step (as a memory bank: entries are at most a few steps stale when the pool covers
 the training set, and never written entries are left out of the mean). The bank is state:
 it has ``state_dict``/``load_state_dict`` and is saved with the streams' states, so a resumed
-run mines exactly as an uninterrupted one. Memory: (training samples x D) float32, so it
-is built only for sessions held in memory.
+run mines exactly as an uninterrupted one. Memory: (training samples x D) float32 plus two
+(training samples x 2W) int64 tables (:meth:`MiningContext.bytes_needed`); it needs only
+the training rows and the store's metadata, so streamed sessions have it too (their size
+is checked against ``data.memory_budget_mb`` before the bank is allocated).
 """
 
 from __future__ import annotations
@@ -53,6 +55,12 @@ class MiningContext:
         self.neighbors = torch.from_numpy(valid_first(by_offset))  # (n, 2W) the same, valid first, -1 pad
         self.bank = torch.zeros(len(self.rows), dim)  # (n, D) unit-norm target representations
         self.filled = torch.zeros(len(self.rows), dtype=torch.bool)
+
+    @staticmethod
+    def bytes_needed(n_samples: int, window: int, dim: int) -> int:
+        """Memory of a context for ``n_samples`` training samples: bank (n, D) float32, two
+        (n, 2W) int64 neighbour tables, rows, trials and the filled flags."""
+        return n_samples * (4 * dim + 2 * 8 * 2 * window + 8 + 8 + 1)
 
     def positions(self, rows: torch.Tensor) -> torch.Tensor:
         """(m,) positions of store ``rows`` among the training samples (rows must be training samples)."""

@@ -223,6 +223,13 @@ def _build_session(cfg: Config, rec: Recording, normalization: Normalization | N
     pool_seed = derive_seed(seed, 2, rank, sid)
     # x_m, the third element of an anchor batch: a separate view to mine with, or a method's target
     mining_view = needs.mining_view or needs.target_view is not None
+    wants_context = cfg.effective_mining_weight > 0 and cfg.method.mining_context_bins > 0
+    need = MiningContext.bytes_needed(n_samples, cfg.method.mining_context_bins, cfg.model.out_dim)
+    if wants_context and not in_memory and need > d.memory_budget_mb * (1 << 20):  # before reading the store
+        raise UserError(f"{rec.url}: the mining-context bank (method.mining_context_bins) needs "
+                        f"{need / (1 << 20):.0f} MiB for {n_samples} training samples, over "
+                        f"data.memory_budget_mb={d.memory_budget_mb:g}; raise data.memory_budget_mb "
+                        "or set method.mining_context_bins=0")
     if needs.temporal and not in_memory:
         raise UserError(f"{rec.url}: method.name {cfg.method.name} draws its pairs from training samples in memory; "
                         "set data.loading=memory if they fit")
@@ -268,12 +275,11 @@ def _build_session(cfg: Config, rec: Recording, normalization: Normalization | N
         pool = BlockPoolStream(rec, mask, mining_augment, cfg.method.pool_size, settings, seed=pool_seed,
                                order_seed=derive_seed(seed, 5, rank, sid))
     context = None
-    if cfg.effective_mining_weight > 0 and cfg.method.mining_context_bins > 0:
-        if samples is None:
-            raise UserError(f"{rec.url}: method.mining_context_bins needs the training samples in memory "
-                            "(its bank holds one representation per sample); set data.loading=memory if they fit, "
-                            "or method.mining_context_bins=0")
-        context = MiningContext(samples.rows, rec.trial, rec.bin_start_s, rec.bin_size_s,
+    if wants_context:
+        # the bank needs only the training rows and the store's metadata (in memory either
+        # way), so a streamed session gets it too (its size was checked before the store was read)
+        rows = samples.rows if samples is not None else np.flatnonzero(mask)
+        context = MiningContext(rows, rec.trial, rec.bin_start_s, rec.bin_size_s,
                                 cfg.method.mining_context_bins, cfg.model.out_dim)
     if d.min_trial_gap and not rec.has_trials:
         raise UserError(f"{rec.url}: data.min_trial_gap needs trials and the store has none; "

@@ -340,6 +340,42 @@ def test_training_on_a_streamed_store_resumes_exactly(chunked_store, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_mining_context_works_on_a_streamed_store_and_resumes_exactly(chunked_store, tmp_path):
+    from pipeline.checkpoint import load_checkpoint
+    from pipeline.loop import train
+    from pipeline_helpers import tiny_overrides, train_killed_at_fetch
+
+    store, _ = chunked_store
+    mem = build_train_data(_cfg(store, **{"data.loading": "memory", "method.mining_context_bins": 2}))
+    streamed = build_train_data(_cfg(store, **{"data.loading": "stream", "method.mining_context_bins": 2}))
+    a, b = mem.sessions[0].mining_context, streamed.sessions[0].mining_context
+    assert streamed.sessions[0].streamed and b is not None  # the same bank over the same training rows
+    assert np.array_equal(a.rows, b.rows) and torch.equal(a.neighbors, b.neighbors)
+    mem.close(), streamed.close()
+    extra = {"data.loading": "stream", "method.mining_context_bins": 2}
+    full, _ = train(build_config(overrides=tiny_overrides(store, tmp_path / "full", steps=12, **extra)))
+    lines = (full / "metrics.jsonl").read_text().splitlines()
+    assert '"loss_mined": null' not in lines[-1]  # the mined branch ran, with the context search
+    cfg = build_config(overrides=tiny_overrides(store, tmp_path / "cut", steps=12, **extra,
+                                                **{"train.checkpoint_every": 5}))
+    train_killed_at_fetch(cfg, fetch=8)
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["step"] == 5
+    train(cfg)
+    got = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["model"]
+    want = torch.load(full / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_a_mining_context_over_the_memory_budget_is_refused_before_the_store_is_read(chunked_store, monkeypatch):
+    import pipeline.data.neural as neural
+
+    store, _ = chunked_store
+    monkeypatch.setattr(neural, "fit_normalization_stats", lambda *a, **k: pytest.fail("the store was read"))
+    with pytest.raises(UserError, match=r"method.mining_context_bins.*data.memory_budget_mb=0.001"):
+        build_train_data(_cfg(store, **{"data.loading": "stream", "method.mining_context_bins": 2,
+                                        "data.memory_budget_mb": 0.001}))
+
+
 def test_a_store_deleted_mid_run_is_a_clear_error_not_a_hang(chunked_store):
     store, _ = chunked_store
     data = build_train_data(_cfg(store, **{"data.loading": "stream"}))
