@@ -187,7 +187,11 @@ def build_neural_train_data(cfg: Config, recording: Recording | None = None,
         in_memory = _use_memory(cfg, rec, budget)
         if in_memory and not rec.in_memory:
             budget -= rec.counts_nbytes_float32
-        sessions.append(_build_session(cfg, rec, norm, rank, world_size, progress, in_memory, needs))
+        session = _build_session(cfg, rec, norm, rank, world_size, progress, in_memory, needs, budget)
+        if session.mining_context is not None and not in_memory:  # a streamed session's bank counts too
+            budget -= MiningContext.bytes_needed(len(session.mining_context.rows), cfg.method.mining_context_bins,
+                                                 cfg.model.out_dim)
+        sessions.append(session)
     return NeuralTrainData(sessions, seed=cfg.run.seed)
 
 
@@ -205,7 +209,10 @@ def _check_trained_labels(cfg: Config, rec: Recording, mask: np.ndarray) -> None
 
 
 def _build_session(cfg: Config, rec: Recording, normalization: Normalization | None, rank: int, world_size: int,
-                   progress: bool, in_memory: bool, needs: DataNeeds) -> SessionData:
+                   progress: bool, in_memory: bool, needs: DataNeeds, budget: float) -> SessionData:
+    """One session's split, normalisation and streams; ``budget``: the bytes of
+    ``data.memory_budget_mb`` the sessions before it left (for a streamed session's
+    mining-context bank)."""
     d = cfg.data
     splits = split_rows(rec.trial, d.split)
     mask = training_mask(rec, splits["train"], d.min_speed)
@@ -225,9 +232,9 @@ def _build_session(cfg: Config, rec: Recording, normalization: Normalization | N
     mining_view = needs.mining_view or needs.target_view is not None
     wants_context = cfg.effective_mining_weight > 0 and cfg.method.mining_context_bins > 0
     need = MiningContext.bytes_needed(n_samples, cfg.method.mining_context_bins, cfg.model.out_dim)
-    if wants_context and not in_memory and need > d.memory_budget_mb * (1 << 20):  # before reading the store
+    if wants_context and not in_memory and need > budget:  # before reading the store
         raise UserError(f"{rec.url}: the mining-context bank (method.mining_context_bins) needs "
-                        f"{need / (1 << 20):.0f} MiB for {n_samples} training samples, over "
+                        f"{need / (1 << 20):.0f} MiB for {n_samples} training samples, over what is left of "
                         f"data.memory_budget_mb={d.memory_budget_mb:g}; raise data.memory_budget_mb "
                         "or set method.mining_context_bins=0")
     if needs.temporal and not in_memory:
