@@ -323,28 +323,31 @@ def test_streamed_store_matches_memory_statistics_and_rows(chunked_store):
 
 
 def test_training_on_a_streamed_store_resumes_exactly(chunked_store, tmp_path):
+    store, _ = chunked_store
+    extra = {"data.loading": "stream", "data.shuffle_buffer_rows": 64, "data.read_threads": 2}
+    _assert_resumes_exactly(store, tmp_path, extra, steps=16, every=6, kill_at_fetch=10)
+
+
+def _assert_resumes_exactly(store: str, tmp_path, extra: dict, steps: int, every: int, kill_at_fetch: int):
+    """A run killed after its checkpoint at ``every`` and resumed ends with the weights of an
+    uninterrupted one; returns the uninterrupted run's directory."""
     from pipeline.checkpoint import load_checkpoint
     from pipeline.loop import train
     from pipeline_helpers import tiny_overrides, train_killed_at_fetch
 
-    store, _ = chunked_store
-    extra = {"data.loading": "stream", "data.shuffle_buffer_rows": 64, "data.read_threads": 2}
-    full, _ = train(build_config(overrides=tiny_overrides(store, tmp_path / "full", steps=16, **extra)))
-    cfg = build_config(overrides=tiny_overrides(store, tmp_path / "cut", steps=16, **extra,
-                                                **{"train.checkpoint_every": 6}))
-    train_killed_at_fetch(cfg, fetch=10)
-    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["step"] == 6
+    full, _ = train(build_config(overrides=tiny_overrides(store, tmp_path / "full", steps=steps, **extra)))
+    cfg = build_config(overrides=tiny_overrides(store, tmp_path / "cut", steps=steps, **extra,
+                                                **{"train.checkpoint_every": every}))
+    train_killed_at_fetch(cfg, fetch=kill_at_fetch)
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["step"] == every
     train(cfg)
     a = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["model"]
     b = torch.load(full / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+    return full
 
 
 def test_mining_context_works_on_a_streamed_store_and_resumes_exactly(chunked_store, tmp_path):
-    from pipeline.checkpoint import load_checkpoint
-    from pipeline.loop import train
-    from pipeline_helpers import tiny_overrides, train_killed_at_fetch
-
     store, _ = chunked_store
     mem = build_train_data(_cfg(store, **{"data.loading": "memory", "method.mining_context_bins": 2}))
     streamed = build_train_data(_cfg(store, **{"data.loading": "stream", "method.mining_context_bins": 2}))
@@ -353,17 +356,9 @@ def test_mining_context_works_on_a_streamed_store_and_resumes_exactly(chunked_st
     assert np.array_equal(a.rows, b.rows) and torch.equal(a.neighbors, b.neighbors)
     mem.close(), streamed.close()
     extra = {"data.loading": "stream", "method.mining_context_bins": 2}
-    full, _ = train(build_config(overrides=tiny_overrides(store, tmp_path / "full", steps=12, **extra)))
+    full = _assert_resumes_exactly(store, tmp_path, extra, steps=12, every=5, kill_at_fetch=8)
     lines = (full / "metrics.jsonl").read_text().splitlines()
     assert '"loss_mined": null' not in lines[-1]  # the mined branch ran, with the context search
-    cfg = build_config(overrides=tiny_overrides(store, tmp_path / "cut", steps=12, **extra,
-                                                **{"train.checkpoint_every": 5}))
-    train_killed_at_fetch(cfg, fetch=8)
-    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["step"] == 5
-    train(cfg)
-    got = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["model"]
-    want = torch.load(full / "checkpoint.pt", weights_only=True)["model"]
-    assert all(torch.equal(got[k], want[k]) for k in got)
 
 
 def test_a_mining_context_over_the_memory_budget_is_refused_before_the_store_is_read(chunked_store, monkeypatch):
