@@ -62,6 +62,11 @@ class MiningContext:
         (n, 2W) int64 neighbour tables, rows, trials and the filled flags."""
         return n_samples * (4 * dim + 2 * 8 * 2 * window + 8 + 8 + 1)
 
+    @property
+    def nbytes(self) -> int:
+        """:meth:`bytes_needed` of this context."""
+        return self.bytes_needed(len(self.rows), self.window, self.bank.shape[1])
+
     def positions(self, rows: torch.Tensor) -> torch.Tensor:
         """(m,) positions of store ``rows`` among the training samples (rows must be training samples)."""
         pos = np.searchsorted(self.rows, rows.cpu().numpy())

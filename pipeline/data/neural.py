@@ -189,8 +189,7 @@ def build_neural_train_data(cfg: Config, recording: Recording | None = None,
             budget -= rec.counts_nbytes_float32
         session = _build_session(cfg, rec, norm, rank, world_size, progress, in_memory, needs, budget)
         if session.mining_context is not None and not in_memory:  # a streamed session's bank counts too
-            budget -= MiningContext.bytes_needed(len(session.mining_context.rows), cfg.method.mining_context_bins,
-                                                 cfg.model.out_dim)
+            budget -= session.mining_context.nbytes
         sessions.append(session)
     return NeuralTrainData(sessions, seed=cfg.run.seed)
 
@@ -231,8 +230,9 @@ def _build_session(cfg: Config, rec: Recording, normalization: Normalization | N
     # x_m, the third element of an anchor batch: a separate view to mine with, or a method's target
     mining_view = needs.mining_view or needs.target_view is not None
     wants_context = cfg.effective_mining_weight > 0 and cfg.method.mining_context_bins > 0
-    need = MiningContext.bytes_needed(n_samples, cfg.method.mining_context_bins, cfg.model.out_dim)
-    if wants_context and not in_memory and need > budget:  # before reading the store
+    need = (MiningContext.bytes_needed(n_samples, cfg.method.mining_context_bins, cfg.model.out_dim)
+            if wants_context else 0)
+    if not in_memory and need > budget:  # before reading the store
         raise UserError(f"{rec.url}: the mining-context bank (method.mining_context_bins) needs "
                         f"{need / (1 << 20):.0f} MiB for {n_samples} training samples, over what is left of "
                         f"data.memory_budget_mb={d.memory_budget_mb:g}; raise data.memory_budget_mb "

@@ -372,7 +372,6 @@ def test_a_mining_context_over_the_memory_budget_is_refused_before_the_store_is_
 
 
 def test_streamed_sessions_share_the_memory_budget_for_their_mining_context_banks(tmp_path):
-    from pipeline.data.context import MiningContext
     from pipeline_helpers import make_store
 
     folder = tmp_path / "sessions"
@@ -380,8 +379,7 @@ def test_streamed_sessions_share_the_memory_budget_for_their_mining_context_bank
     (folder / "a.npz").unlink(), (folder / "b.npz").unlink()
     extra = {"data.loading": "stream", "method.mining_context_bins": 2}
     data = build_train_data(_cfg(str(folder), **extra))
-    banks = [MiningContext.bytes_needed(len(s.mining_context.rows), 2, data.sessions[0].mining_context.bank.shape[1])
-             for s in data.sessions]
+    banks = [s.mining_context.nbytes for s in data.sessions]
     data.close()
     budget_mb = (max(banks) + 1) / (1 << 20)  # room for either bank, not for both
     with pytest.raises(UserError, match=r"over what is left of data.memory_budget_mb"):
