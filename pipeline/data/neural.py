@@ -234,7 +234,7 @@ def _build_session(cfg: Config, rec: Recording, normalization: Normalization | N
             if wants_context else 0)
     if not in_memory and need > budget:  # before reading the store
         raise UserError(f"{rec.url}: the mining-context bank (method.mining_context_bins) needs "
-                        f"{need / (1 << 20):.0f} MiB for {n_samples} training samples, over what is left of "
+                        f"{need / (1 << 20):.1f} MiB for {n_samples} training samples, over what is left of "
                         f"data.memory_budget_mb={d.memory_budget_mb:g}; raise data.memory_budget_mb "
                         "or set method.mining_context_bins=0")
     if needs.temporal and not in_memory:
