@@ -133,7 +133,7 @@ def where_time_goes(phy: str, work: str, bin_size: float) -> dict:
         np.array(times[start:stop], dtype=np.int64), np.array(clusters[start:stop])
         start = stop
         t1 = time.perf_counter()
-        counts = sources.count_phy_block(rec.phy, r0, r1, rec.n_units, np.uint16)
+        counts, _ = sources.count_phy_block(rec.phy, r0, r1, rec.n_units, np.uint16)
         t2 = time.perf_counter()
         for c0 in range(0, r1 - r0, layout.chunk_rows):
             codec.encode(np.ascontiguousarray(counts[c0:c0 + layout.chunk_rows]))

@@ -20,17 +20,23 @@ import time
 from fractions import Fraction
 
 import dask
+import dask.local
+import dask.multiprocessing
+import dask.threaded
 import numpy as np
 from dask.callbacks import Callback
 from tqdm import tqdm
 
-from . import binning, source_nwb, sources
+from . import allocator, binning, source_nwb, sources
 from .errors import OneLineParser, UsageError, UserError, run_cli, setup_logging
 from .store import COUNTS_COMPRESSOR, StoreLayout, StoreWriter, count_dtype, join_url, open_array, quality_codes
 
 log = logging.getLogger("preprocess.bin_spikes")
 PROG = "python -m preprocess.bin_spikes"
-LOCAL_SCHEDULERS = ("threads", "processes", "synchronous")
+# the get functions themselves: dask.compute given a scheduler's name imports dask.distributed
+# (when installed) to look for a client, 0.2-0.4 s of a run's serial start-up
+LOCAL_GETS = {"threads": dask.threaded.get, "processes": dask.multiprocessing.get, "synchronous": dask.local.get_sync}
+LOCAL_SCHEDULERS = tuple(LOCAL_GETS)
 MAX_WORKERS = 1024
 PROCESSES_FROM_BLOCKS = 8  # below this many blocks, starting worker processes costs more than it saves
 
@@ -132,6 +138,7 @@ def _check_scheduler(scheduler: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    allocator.keep_freed_memory()
     bin_size = _positive_fraction(args.bin_size, "--bin-size")
     sample_rate = _positive_fraction(args.sample_rate, "--sample-rate")
     max_bins = _int_option(args.max_bins, "--max-bins", 1, 2**62)
@@ -165,8 +172,9 @@ def main(argv: list[str] | None = None) -> int:
 # --------------------------------------------------------------------------- block tasks
 
 
-def count_block(rec: sources.Recording, row0: int, row1: int, dtype: str) -> np.ndarray:
-    """(row1-row0, N) counts of ``dtype`` of one block, from whichever data the source has.
+def count_block(rec: sources.Recording, row0: int, row1: int, dtype: str) -> tuple[np.ndarray, int]:
+    """(row1-row0, N) counts of ``dtype`` of one block, from whichever data the source has,
+    and the number of spikes they hold.
 
     Raises CountOverflow when a bin does not fit ``dtype``."""
     if rec.phy is not None:  # counted straight into dtype, a cache-sized tile at a time
@@ -182,14 +190,14 @@ def count_block(rec: sources.Recording, row0: int, row1: int, dtype: str) -> np.
     peak = int(counts.max()) if counts.size else 0
     if peak > np.iinfo(dtype).max:
         raise CountOverflow(peak)
-    return counts.astype(dtype)
+    return counts.astype(dtype), int(counts.sum())
 
 
 def write_block(rec: sources.Recording, store_url: str, storage_options: dict, row0: int, row1: int,
                 dtype: str) -> int:
     """Count one block and write its rows of every per-bin array (its own shard/chunk of
     each). Returns the number of spikes counted."""
-    counts = count_block(rec, row0, row1, dtype)
+    counts, n_spikes = count_block(rec, row0, row1, dtype)
     # write_empty_chunks: zarr otherwise tests every chunk for all-zeros before encoding,
     # which made writing a block ~2-3x slower than compressing it; a spike-free chunk costs
     # a few bytes once compressed, and reads back the same zeros
@@ -197,7 +205,7 @@ def write_block(rec: sources.Recording, store_url: str, storage_options: dict, r
     counts_array[row0:row1] = counts
     for name, values in per_bin_block(rec, row0, row1).items():
         open_array(join_url(store_url, name), storage_options)[row0:row1] = values
-    return int(counts.sum(dtype=np.uint64))
+    return n_spikes
 
 
 class _TqdmCallback(Callback):
@@ -220,7 +228,7 @@ def run_tasks(tasks: list, scheduler: str, workers: int | None, progress: bool, 
     try:
         if scheduler in LOCAL_SCHEDULERS:
             with _TqdmCallback(bar, ("block-", "hash-")):
-                return list(dask.compute(*tasks, scheduler=scheduler, num_workers=workers))
+                return list(dask.compute(*tasks, scheduler=LOCAL_GETS[scheduler], num_workers=workers))
         try:
             from distributed import Client, as_completed
         except ImportError:

@@ -276,10 +276,12 @@ class UnsortedSpikes(UserError):
 
 
 def count_phy_block(spikes: PhySpikes, row0: int, row1: int, n_units: int,
-                    dtype: np.dtype | type = np.int64, out: np.ndarray | None = None) -> np.ndarray:
+                    dtype: np.dtype | type = np.int64, out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
     """Counts (row1-row0, N) of ``dtype`` of one block of a Phy recording, read from disk
     (:class:`preprocess.binning.BinOverflow` when a bin does not fit ``dtype``), into
-    ``out`` when given (see :func:`preprocess.binning.count_samples`).
+    ``out`` when given (see :func:`preprocess.binning.count_samples`), and the number of
+    spikes counted: summing the counts instead cast every cell to uint64, a twentieth of
+    the CPU time of binning a 12-hour recording.
 
     Opens its own memory maps and drops them on return so resident memory stays bounded.
     Also checks that this block's spikes are sorted and inside the block: together over
@@ -312,7 +314,8 @@ def count_phy_block(spikes: PhySpikes, row0: int, row1: int, n_units: int,
         pos = np.minimum(np.searchsorted(ids, c), len(ids) - 1)
         cols = np.where(ids[pos] == c, pos, -1)
     try:
-        return binning.count_samples(t, cols, row0, row1 - row0, n_units, spikes.samples_per_bin, dtype, out)
+        counts = binning.count_samples(t, cols, row0, row1 - row0, n_units, spikes.samples_per_bin, dtype, out)
+        return counts, int(np.count_nonzero(cols >= 0))
     except OverflowError:  # read_phy checked the last spike: a larger one earlier means unsorted times
         raise UnsortedSpikes(f"{spikes.times_path}: spike times are not sorted (near spike {a}); "
                              "sort spike_times and spike_clusters together (Kilosort writes them sorted)")
