@@ -138,7 +138,6 @@ def _check_scheduler(scheduler: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    allocator.keep_freed_memory()
     bin_size = _positive_fraction(args.bin_size, "--bin-size")
     sample_rate = _positive_fraction(args.sample_rate, "--sample-rate")
     max_bins = _int_option(args.max_bins, "--max-bins", 1, 2**62)
@@ -367,4 +366,7 @@ def create_arrays(writer: StoreWriter, rec: sources.Recording, layout: StoreLayo
 
 
 if __name__ == "__main__":
+    # process-wide, so only where this process is the command: main() also runs inside other
+    # processes (the demo, benchmarks, tests), whose allocator is not ours to change
+    allocator.keep_freed_memory()
     sys.exit(run_cli(main, None, PROG))
