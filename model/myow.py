@@ -90,7 +90,8 @@ class MYOW(nn.Module):
 
     def __init__(self, encoder: nn.Module, projector_dims: tuple[int, int] | None = None,
                  predictor_hidden: int = 128, mined_projector_dims: tuple[int, int] | None = None,
-                 mined_predictor_hidden: int | None = None, architecture: str = "cascaded") -> None:
+                 mined_predictor_hidden: int | None = None, architecture: str = "cascaded",
+                 target_init: str = "copy") -> None:
         super().__init__()
         if architecture not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
@@ -120,6 +121,13 @@ class MYOW(nn.Module):
             "mined_projector": copy.deepcopy(self.mined_projector),
         })
         self.target.requires_grad_(False)
+        if target_init == "reinit":
+            # myow-neuro re-draws its target encoder after copying it (an ablation here)
+            for module in self.target["encoder"].modules():
+                if module is not self.target["encoder"] and hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+        elif target_init != "copy":
+            raise ValueError(f"unknown target_init {target_init!r}; choose copy or reinit")
 
     # ----------------------------------------------------------------- parameter sets
     def online_modules(self) -> dict[str, nn.Module]:

@@ -52,7 +52,7 @@ def build_model(cfg: Config, in_dim: int | list[int]) -> MYOW:
                 predictor_hidden=m.predictor_hidden,
                 mined_projector_dims=tuple(m.mined_projector) if m.mined_projector else None,
                 mined_predictor_hidden=m.mined_predictor_hidden,
-                architecture=m.architecture)
+                architecture=m.architecture, target_init=m.target_init)
 
 
 def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:

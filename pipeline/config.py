@@ -26,12 +26,15 @@ from model.methods import METHOD_NAMES, NEURAL_ONLY_METHODS
 from .config_parse import ConfigError, apply_values, nest_key, parse_override, read_yaml
 
 __all__ = ["Config", "ConfigError", "load_config", "build_config", "config_to_dict", "dump_config", "read_yaml",
-           "METHODS", "OPTIMIZERS", "EMA_SCHEDULES", "DEVICES", "DATA_KINDS", "ENCODERS", "IMAGE_ENCODERS",
+           "METHODS", "OPTIMIZERS", "EMA_SCHEDULES", "LR_SCHEDULES", "TARGET_INITS", "DEVICES", "DATA_KINDS",
+           "ENCODERS", "IMAGE_ENCODERS",
            "TRANSFORMS"]
 
 METHODS = METHOD_NAMES  # model.methods: the methods the trainer knows
 OPTIMIZERS = ("adamw", "sgd")
 EMA_SCHEDULES = ("cosine", "constant")
+LR_SCHEDULES = ("warmup_cosine", "constant")
+TARGET_INITS = ("copy", "reinit")
 DEVICES = ("auto", "cpu", "cuda")
 DATA_KINDS = ("auto", "neural", "images")
 IMAGE_ENCODERS = ("convnet", "resnet18", "resnet50")  # model/encoders.py; "mlp" is for neural data
@@ -130,6 +133,10 @@ class ModelConfig:
     projector: list[int] | None = None  # [hidden, out] of g, or null (no projector, paper neural setting)
     mined_projector: list[int] | None = None  # [hidden, out] of h, or null
     architecture: str = "cascaded"  # cascaded | parallel | single (paper App. G)
+    # The target network at step 0: "copy" = the online network's weights (Algorithm 1:
+    # xi <- theta); "reinit" = the target encoder drawn afresh (myow-neuro calls
+    # target_encoder.reset_parameters() after copying; an ablation of that deviation).
+    target_init: str = "copy"
     dropout: float = 0.0  # encoder dropout; only the supervised baseline uses it
 
 
@@ -204,6 +211,9 @@ class OptimConfig:
     momentum: float = 0.9  # sgd only
     ema_base_tau: float = 0.98  # target EMA momentum at step 0
     ema_schedule: str = "cosine"  # cosine: base_tau -> 1; constant: base_tau
+    # warmup_cosine: linear warm-up then cosine decay to 0 (paper); constant: optim.lr on every
+    # step (what myow-neuro's script does: it computes its schedule but never applies it)
+    lr_schedule: str = "warmup_cosine"
 
 
 @dataclass
@@ -213,6 +223,11 @@ class TrainConfig:
     log_every: int = 10  # steps between metrics.jsonl lines
     checkpoint_every: int = 500  # steps between checkpoints (one is always written at the end)
     eval_every: int = 0  # steps between evaluations; 0 = only at the end
+    # An ablation of a myow-neuro behaviour, off (null) by default: after this many epochs the
+    # online encoder is put in eval mode for the rest of training (its BatchNorm layers use,
+    # and stop updating, their running statistics). Their first linear evaluation does that
+    # at epoch 200 of 10000 and nothing puts the encoder back in train mode.
+    freeze_encoder_bn_epochs: float | None = None
 
 
 @dataclass
@@ -326,6 +341,7 @@ class Config:
         need(a.noise_std >= 0, "augment.noise_std", "must be >= 0")
         need(m.encoder in ENCODERS, "model.encoder", f"must be one of {', '.join(ENCODERS)}")
         need(m.architecture in ARCHITECTURES, "model.architecture", f"must be one of {', '.join(ARCHITECTURES)}")
+        need(m.target_init in TARGET_INITS, "model.target_init", f"must be one of {', '.join(TARGET_INITS)}")
         for key in ("hidden_dim", "out_dim", "predictor_hidden"):
             need(0 < getattr(m, key) <= MAX_WIDTH, f"model.{key}", f"must be 1..{MAX_WIDTH}")
         need(0 <= m.num_blocks <= MAX_BLOCKS, "model.num_blocks", f"must be 0..{MAX_BLOCKS}")
@@ -380,11 +396,14 @@ class Config:
         need(0.0 <= o.momentum < 1.0, "optim.momentum", "must be in [0, 1)")
         need(0.0 <= o.ema_base_tau <= 1.0, "optim.ema_base_tau", "must be in [0, 1]")
         need(o.ema_schedule in EMA_SCHEDULES, "optim.ema_schedule", f"must be one of {', '.join(EMA_SCHEDULES)}")
+        need(o.lr_schedule in LR_SCHEDULES, "optim.lr_schedule", f"must be one of {', '.join(LR_SCHEDULES)}")
         need(t.epochs >= 1, "train.epochs", "must be >= 1")
         need(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "must be >= 1 or null")
         need(t.log_every >= 1, "train.log_every", "must be >= 1")
         need(t.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
         need(t.eval_every >= 0, "train.eval_every", "must be >= 0")
+        need(t.freeze_encoder_bn_epochs is None or t.freeze_encoder_bn_epochs >= 0,
+             "train.freeze_encoder_bn_epochs", "must be >= 0 or null")
         need(r.device in DEVICES, "run.device", f"must be one of {', '.join(DEVICES)}")
         need(0 <= r.seed <= MAX_SEED, "run.seed", f"must be 0..2**63-1, got {r.seed}")
         need(r.threads >= 0, "run.threads", "must be >= 0")

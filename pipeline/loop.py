@@ -180,6 +180,11 @@ def train(cfg: Config, data: TrainData | None = None, env: DistEnv | None = None
                 pool = move_to_device(pool, device, run.channels_last)
                 t1 = time.perf_counter()
 
+                # --- myow-neuro's frozen BatchNorm, an ablation off by default: from the given
+                # step on the online encoder stays in eval mode (also after a resume)
+                if plan.encoder_bn_frozen_step is not None and step >= plan.encoder_bn_frozen_step:
+                    run.model.encoder.eval()
+
                 # --- one optimizer step (paper Algorithm 1)
                 set_session(run.model, session_index)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.run.amp):

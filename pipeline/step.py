@@ -39,22 +39,28 @@ class Plan:
     min_time_gap_s: float  # mining time-exclusion window (0 = off)
     multi_store: bool = False  # samples come from several recordings (compare store ids)
     min_trial_gap: int = 0  # mining trial-exclusion window in trials (0 = off: the same trial only)
+    encoder_bn_frozen_step: int | None = None  # train.freeze_encoder_bn_epochs in steps (None = never)
 
     @classmethod
     def build(cls, cfg: Config, steps_per_epoch: int, min_time_gap_s: float = 0.0,
               multi_store: bool = False) -> "Plan":
         total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+        freeze = cfg.train.freeze_encoder_bn_epochs
         return cls(steps_per_epoch=steps_per_epoch, total_steps=int(total),
                    warmup_steps=round(cfg.optim.warmup_epochs * steps_per_epoch),
                    mining_warmup_steps=round(cfg.method.mining_warmup_epochs * steps_per_epoch),
                    mining_ramp_steps=round(cfg.method.mining_ramp_epochs * steps_per_epoch),
                    min_time_gap_s=float(min_time_gap_s), multi_store=multi_store,
-                   min_trial_gap=cfg.data.min_trial_gap)
+                   min_trial_gap=cfg.data.min_trial_gap,
+                   encoder_bn_frozen_step=None if freeze is None else round(freeze * steps_per_epoch))
 
 
 def schedules(step: int, cfg: Config, plan: Plan) -> tuple[float, float, float]:
     """(learning rate, EMA momentum tau, mining weight lambda) at optimizer step ``step`` (0-based)."""
-    lr = warmup_cosine_lr(step, cfg.optim.lr, plan.warmup_steps, plan.total_steps)
+    if cfg.optim.lr_schedule == "constant":
+        lr = cfg.optim.lr
+    else:
+        lr = warmup_cosine_lr(step, cfg.optim.lr, plan.warmup_steps, plan.total_steps)
     if cfg.optim.ema_schedule == "cosine":
         tau = cosine_ema_momentum(step, plan.total_steps, cfg.optim.ema_base_tau)
     else:

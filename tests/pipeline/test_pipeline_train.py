@@ -14,7 +14,7 @@ import torch
 from pipeline import train as train_mod
 from pipeline.build import build_model, build_optimizer
 from pipeline.checkpoint import CHECKPOINT_KEYS, load_checkpoint
-from pipeline.config import build_config, load_config
+from pipeline.config import ConfigError, build_config, load_config
 from pipeline.kinds import build_train_data
 from pipeline.loop import train
 from pipeline.step import Plan, schedules, train_step
@@ -173,6 +173,56 @@ def test_schedules_follow_the_plan():
     assert schedules(200, cfg, plan)[1] == pytest.approx(1.0)
     assert build_config(overrides=["train.max_steps=7"]).train.max_steps == 7
     assert Plan.build(build_config(overrides=["train.max_steps=7"]), 3).total_steps == 7
+
+
+def test_constant_lr_schedule_is_the_base_rate_on_every_step():
+    cfg = build_config(overrides=["optim.warmup_epochs=10", "train.epochs=100", "optim.lr=0.1",
+                                  "optim.lr_schedule=constant"])
+    plan = Plan.build(cfg, steps_per_epoch=2)
+    assert {schedules(step, cfg, plan)[0] for step in (0, 5, 19, 100, 199, 250)} == {0.1}
+    with pytest.raises(ConfigError, match="optim.lr_schedule"):
+        build_config(overrides=["optim.lr_schedule=cosine"])
+
+
+def test_target_init_copies_or_redraws_only_the_target_encoder():
+    torch.manual_seed(0)
+    copied = build_model(build_config(), in_dim=12)
+    torch.manual_seed(0)
+    redrawn = build_model(build_config(overrides=["model.target_init=reinit"]), in_dim=12)
+    for model in (copied, redrawn):  # the online network is the same draw either way
+        assert all(torch.equal(a, b) for a, b in zip(copied.encoder.parameters(), model.encoder.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(copied.encoder.parameters(),
+                                                  copied.target["encoder"].parameters()))
+    weights = [(a, b) for a, b in zip(redrawn.encoder.parameters(), redrawn.target["encoder"].parameters())
+               if a.dim() == 2]
+    assert weights and not any(torch.equal(a, b) for a, b in weights)
+    assert all(torch.equal(a, b) for a, b in zip(redrawn.projector.parameters(),
+                                                  redrawn.target["projector"].parameters()))
+    assert not any(p.requires_grad for p in redrawn.target.parameters())
+
+
+def test_frozen_encoder_batchnorm_stops_updating_after_the_given_epochs(store, tmp_path):
+    bn_keys = lambda state: {k: v for k, v in state.items() if k.startswith("encoder.") and "running_mean" in k}
+    # constant schedules: the first 6 steps of a 6- and a 12-step run are then the same
+    fixed = {"optim.lr_schedule": "constant", "optim.ema_schedule": "constant"}
+    runs = {}
+    for name, steps in (("at6", 6), ("at12", 12)):  # the tiny store: 8 steps per epoch, so 0.75 = step 6
+        cfg = build_config(overrides=tiny_overrides(store, tmp_path / name, steps=steps,
+                                                    **{"train.freeze_encoder_bn_epochs": 0.75}, **fixed))
+        train(cfg)
+        runs[name] = torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)["model"]
+    assert Plan.build(cfg, steps_per_epoch=8).encoder_bn_frozen_step == 6
+    frozen = bn_keys(runs["at12"])
+    assert frozen and all(torch.equal(frozen[k], bn_keys(runs["at6"])[k]) for k in frozen)  # no update after 6
+    free = bn_keys(torch.load(_trained(store, tmp_path / "free", 12, **fixed), weights_only=True)["model"])
+    assert not all(torch.equal(free[k], frozen[k]) for k in frozen)  # without the freeze they keep moving
+    with pytest.raises(ConfigError, match="train.freeze_encoder_bn_epochs"):
+        build_config(overrides=["train.freeze_encoder_bn_epochs=-1"])
+
+
+def _trained(store: str, run_dir: Path, steps: int, **extra) -> Path:
+    train(build_config(overrides=tiny_overrides(store, run_dir, steps=steps, **extra)))
+    return run_dir / "checkpoint.pt"
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
