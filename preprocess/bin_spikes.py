@@ -16,7 +16,9 @@ import json
 import logging
 import re
 import sys
+import threading
 import time
+import uuid
 from fractions import Fraction
 
 import dask
@@ -193,18 +195,36 @@ def count_block(rec: sources.Recording, row0: int, row1: int, dtype: str) -> tup
 
 
 def write_block(rec: sources.Recording, store_url: str, storage_options: dict, row0: int, row1: int,
-                dtype: str) -> int:
+                dtype: str, attempt: str) -> int:
     """Count one block and write its rows of every per-bin array (its own shard/chunk of
-    each). Returns the number of spikes counted."""
+    each). ``attempt`` names this creation of the arrays (:func:`opened_array`). Returns the
+    number of spikes counted."""
     counts, n_spikes = count_block(rec, row0, row1, dtype)
     # write_empty_chunks: zarr otherwise tests every chunk for all-zeros before encoding,
     # which made writing a block ~2-3x slower than compressing it; a spike-free chunk costs
     # a few bytes once compressed, and reads back the same zeros
-    counts_array = open_array(join_url(store_url, "counts"), storage_options).with_config({"write_empty_chunks": True})
-    counts_array[row0:row1] = counts
+    opened_array(join_url(store_url, "counts"), storage_options, attempt, write_empty_chunks=True)[row0:row1] = counts
     for name, values in per_bin_block(rec, row0, row1).items():
-        open_array(join_url(store_url, name), storage_options)[row0:row1] = values
+        opened_array(join_url(store_url, name), storage_options, attempt)[row0:row1] = values
     return n_spikes
+
+
+_OPENED = threading.local()
+
+
+def opened_array(url: str, storage_options: dict, attempt: str, write_empty_chunks: bool = False):
+    """The array at ``url``, opened once per thread (worker) and write attempt: opening
+    reads and parses its zarr.json (~3 ms), which every block did for each of its arrays
+    (~0.9 CPU s over a 12-hour recording's ~100 blocks x 3 arrays). A new ``attempt`` (the
+    arrays recreated, e.g. as uint32 after an overflow) drops the thread's earlier ones."""
+    cached = getattr(_OPENED, "arrays", None)
+    if cached is None or cached[0] != attempt:
+        cached = _OPENED.arrays = (attempt, {})
+    arrays = cached[1]
+    if url not in arrays:
+        array = open_array(url, storage_options)
+        arrays[url] = array.with_config({"write_empty_chunks": True}) if write_empty_chunks else array
+    return arrays[url]
 
 
 class _TqdmCallback(Callback):
@@ -278,8 +298,9 @@ def _write_store(rec: sources.Recording, out: str, storage_options: dict, overwr
     with StoreWriter(out, storage_options, overwrite) as writer:
         while True:
             create_arrays(writer, rec, layout, dtype)
+            attempt = uuid.uuid4().hex  # a retry recreates the arrays: blocks must not reuse the old ones
             tasks = [dask.delayed(write_block, pure=False)(rec, writer.staging_url, storage_options, r0, r1, dtype.name,
-                                                           dask_key_name=f"block-{i}")
+                                                           attempt, dask_key_name=f"block-{i}")
                      for i, (r0, r1) in enumerate(layout.blocks())]
             hashes = [dask.delayed(sources.hash_piece, pure=True)(p, dask_key_name=f"hash-{i}")
                       for i, p in enumerate(pieces)]

@@ -108,6 +108,45 @@ def test_count_dtype_promoted_to_uint32(tmp_path):
     assert g["counts"][0, 0] == 90_000 and int(g["counts"][:].sum()) == 100_000
 
 
+def test_overflowing_nwb_counts_are_rewritten_as_uint32(tmp_path):
+    """NWB gives no bound on a bin's count: uint16 first, then the same staging store is
+    recreated as uint32, and no block may write through an array opened for uint16 (the
+    other blocks were written in the first attempt: dask runs them before the first one)."""
+    from datetime import datetime, timezone
+    from fractions import Fraction
+
+    from pynwb import NWBHDF5IO, NWBFile
+
+    from preprocess import sources
+    from preprocess.store import StoreLayout
+
+    nwb = NWBFile(session_description="t", identifier="x", session_start_time=datetime(2020, 1, 1, tzinfo=timezone.utc))
+    busy = np.linspace(0.0, 0.999, 70_000)  # 70,000 spikes in the first 1-s bin
+    nwb.add_unit(spike_times=np.concatenate([busy, [9.5]]))
+    nwb.add_unit(spike_times=np.array([0.5, 2.5, 7.5]))
+    path = tmp_path / "busy.nwb"
+    with NWBHDF5IO(str(path), "w") as io:
+        io.write(nwb)
+    rec = sources.read_source(str(path), "nwb", str(path), Fraction(1), "all", None, None)
+    out = str(tmp_path / "b.zarr")
+    summary = bin_spikes.write_recording(rec, out, {}, overwrite=False, scheduler="synchronous", progress=False,
+                                         layout=StoreLayout(rec.n_rows, rec.n_units, chunk_rows=2, shard_rows=2))
+    assert summary["dtype"] == "uint32" and rec.n_rows >= 10
+    counts = open_recording(out)["counts"][:]
+    assert counts.dtype == np.uint32
+    assert counts[0].tolist() == [70_000, 1] and counts[9].tolist() == [1, 0] and int(counts.sum()) == 70_004
+
+
+def test_opened_arrays_are_reused_within_an_attempt_only(tmp_path):
+    url = str(tmp_path / "a.zarr")
+    zarr.create_array(url, shape=(4,), dtype="uint16")
+    first = bin_spikes.opened_array(url, {}, "attempt-1")
+    assert bin_spikes.opened_array(url, {}, "attempt-1") is first
+    zarr.create_array(url, shape=(4,), dtype="uint32", overwrite=True)
+    again = bin_spikes.opened_array(url, {}, "attempt-2")
+    assert again is not first and again.dtype == np.uint32
+
+
 def test_many_blocks_parallel_processes_exact(tmp_path):
     times, clusters = make_phy(tmp_path / "phy", n_units=200, duration_s=400, rate_hz=1)
     out = tmp_path / "s.zarr"
