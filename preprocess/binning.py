@@ -54,7 +54,7 @@ TILE_CELLS = 1 << 16  # bins x units counted at a time: the int64 tile (512 KiB)
 
 def count_samples(times: np.ndarray, unit_columns: np.ndarray, row0: int, n_rows: int, n_units: int,
                   samples_per_bin: Fraction, dtype: np.dtype | type = np.int64,
-                  out: np.ndarray | None = None) -> np.ndarray:
+                  out: np.ndarray | None = None, times_checked: bool = False) -> np.ndarray:
     """Spike counts of one block of bins from integer sample times.
 
     Args:
@@ -66,38 +66,57 @@ def count_samples(times: np.ndarray, unit_columns: np.ndarray, row0: int, n_rows
         dtype: integer dtype of the result (the store's: uint16 / uint32).
         out: optional C-contiguous (n_rows, n_units) array of ``dtype`` to count into (a
             buffer reused from block to block saves the page faults of a fresh one).
+        times_checked: the caller has checked that ``times`` are sorted and inside the block
+            (the check is then not made again: a pass over every spike).
     Returns:
-        (n_rows, n_units) counts of ``dtype`` (``out`` when given).
+        (n_rows, n_units) counts of ``dtype`` (``out`` when given; :func:`count_rows`).
     Raises:
         BinOverflow: a bin holds more spikes than ``dtype`` can hold.
-
-    Counted a tile of rows at a time into the result: one bincount over the whole block
-    allocates (n_rows x N) int64 afresh (page faults on every block, then a cast and two
-    more passes over it), which made counting 2x slower than the tiles.
     """
     p, q = samples_per_bin.numerator, samples_per_bin.denominator
     t = np.asarray(times).astype(np.int64, copy=False)
     if t.size and int(t[-1]) * q >= _INT64_SAFE:
         raise OverflowError("sample index x bin-size denominator overflows int64")
-    rows = (t * q) // p - row0 if q != 1 else t // p - row0
+    rows = (t * q) // p if q != 1 else t // p  # a new array: the in-place steps below never touch ``times``
+    rows -= row0
     cols = np.asarray(unit_columns)
     keep = cols >= 0
     if not keep.all():
         rows, cols = rows[keep], cols[keep]
-    if rows.size and (rows[0] < 0 or rows[-1] >= n_rows or np.any(rows[1:] < rows[:-1])):
+    if not times_checked and rows.size and (rows[0] < 0 or rows[-1] >= n_rows or np.any(rows[1:] < rows[:-1])):
         raise ValueError("spike times outside the block or not sorted")
+    return count_rows(rows, cols, n_rows, n_units, dtype, out)
+
+
+def count_rows(rows: np.ndarray, cols: np.ndarray, n_rows: int, n_units: int, dtype: np.dtype | type = np.int64,
+               out: np.ndarray | None = None) -> np.ndarray:
+    """Counts (n_rows, n_units) of ``dtype`` from each spike's block-relative row (S,),
+    sorted and in [0, n_rows), and its column (S,) in [0, n_units). ``rows`` is overwritten
+    (it becomes each spike's cell, row x N + column: computed once for the block, in place).
+
+    Counted a tile of rows at a time into the result: one bincount over the whole block
+    allocates (n_rows x N) int64 afresh (page faults on every block, then a cast and two
+    more passes over it), which made counting 2x slower than the tiles.
+    Raises BinOverflow when a bin holds more spikes than ``dtype`` can hold."""
     if out is None:
         out = np.empty((n_rows, n_units), dtype=dtype)
     elif out.shape != (n_rows, n_units) or out.dtype != np.dtype(dtype) or not out.flags.c_contiguous:
-        raise ValueError(f"count_samples: out must be C-contiguous ({n_rows}, {n_units}) {np.dtype(dtype)}")
+        raise ValueError(f"count_rows: out must be C-contiguous ({n_rows}, {n_units}) {np.dtype(dtype)}")
     limit = np.iinfo(out.dtype).max
     tile = max(1, TILE_CELLS // max(1, n_units))
     starts = np.arange(0, n_rows + tile, tile)
     bounds = np.searchsorted(rows, np.minimum(starts, n_rows))  # spikes of each tile (rows are sorted)
+    cells = rows
+    if n_rows * n_units >= np.iinfo(cells.dtype).max:
+        cells = cells.astype(np.int64)
+    cells *= n_units
+    cells += cols
     for i, r0 in enumerate(range(0, n_rows, tile)):
         r1 = min(r0 + tile, n_rows)
         a, b = int(bounds[i]), int(bounds[i + 1])
-        counts = np.bincount((rows[a:b] - r0) * n_units + cols[a:b], minlength=(r1 - r0) * n_units)
+        tile_cells = cells[a:b]
+        tile_cells -= r0 * n_units  # in place: each spike belongs to one tile
+        counts = np.bincount(tile_cells, minlength=(r1 - r0) * n_units)
         if b - a > limit and counts.max() > limit:  # fewer spikes than the limit cannot overflow a bin
             raise BinOverflow(f"a bin holds more than {limit} spikes")
         out[r0:r1] = counts.reshape(r1 - r0, n_units)

@@ -51,6 +51,11 @@ class PhySpikes:
     # (max(unit_ids)+1,) int32 column of each cluster id, -1 for dropped ones; None when the ids are
     # too large for a dense table (then columns are found in unit_ids by binary search)
     cluster_to_column: np.ndarray | None = None
+    # every cluster that spikes in the file is a kept unit (--units all, or a fully labelled
+    # selection): a block then counts every spike it reads, without a pass to count them
+    keeps_every_cluster: bool = False
+    # cluster_to_column is the identity (ids 0..N-1, all kept): a spike's column is its id
+    columns_are_ids: bool = False
 
 
 @dataclass

@@ -190,7 +190,9 @@ def read_phy(folder: str, source: str, bin_size: Fraction, units: str, sample_ra
     return Recording(
         format="phy", path=source, bin_size=bin_size, n_rows=n_rows, unit_ids=unit_ids, unit_quality=quality,
         files=files, sample_rate_hz=float(sample_rate),
-        phy=PhySpikes(tpath, os.path.join(folder, clusters_name), len(times), spb, unit_ids, lut),
+        phy=PhySpikes(tpath, os.path.join(folder, clusters_name), len(times), spb, unit_ids, lut,
+                      keeps_every_cluster=bool(np.isin(spiking_ids, unit_ids).all()),
+                      columns_are_ids=lut is not None and np.array_equal(lut, np.arange(len(lut)))),
         expected_spikes=int(spiking_counts[np.isin(spiking_ids, unit_ids)].sum()),
         trials=trials,
         # one spike per unit per sample, plus slack for duplicated samples (checked while binning)
@@ -297,25 +299,45 @@ def count_phy_block(spikes: PhySpikes, row0: int, row1: int, n_units: int,
     if row0 == 0 and a != 0:
         raise UnsortedSpikes(f"{spikes.times_path}: spike times are negative or not sorted; "
                              "sort spike_times and spike_clusters together (Kilosort writes them sorted)")
-    t = np.array(times[a:b], dtype=np.int64)
+    t = times[a:b]  # a view of the map: checked first, then converted in one pass
     c = np.array(clusters[a:b])  # the file's integer dtype: the lookups below need no int64 copy
     del times, clusters
-    if t.size and (t[0] < s0 or t[-1] >= s1 or np.any(t[1:] < t[:-1])):
+    if t.size and (int(t[0]) < s0 or int(t[-1]) >= s1 or np.any(t[1:] < t[:-1])):
         raise UnsortedSpikes(f"{spikes.times_path}: spike times are not sorted (near spike {a}); "
                              "sort spike_times and spike_clusters together (Kilosort writes them sorted)")
-    lut = spikes.cluster_to_column
-    if lut is not None:
-        try:  # the lut covers every cluster id of the file (read_phy), ids are >= 0
-            cols = lut[c]
-        except IndexError:
-            raise UserError(f"{spikes.clusters_path}: the file changed while it was being binned; run again") from None
-    else:
-        ids = spikes.unit_ids
-        pos = np.minimum(np.searchsorted(ids, c), len(ids) - 1)
-        cols = np.where(ids[pos] == c, pos, -1)
+    cols = _columns(spikes, c)
+    n_rows, spb = row1 - row0, spikes.samples_per_bin
     try:
-        counts = binning.count_samples(t, cols, row0, row1 - row0, n_units, spikes.samples_per_bin, dtype, out)
-        return counts, int(np.count_nonzero(cols >= 0))
+        if spb.denominator == 1 and s1 - s0 < 2**31 and n_rows * n_units < 2**31:
+            # whole samples per bin (the usual case): bin = (t - s0) // p exactly, computed in
+            # int32 from the checked view (half the bytes of int64, and a 4x faster division)
+            rows = np.subtract(t, t.dtype.type(s0), out=np.empty(t.size, np.int32), casting="unsafe")
+            rows //= spb.numerator
+            if not spikes.keeps_every_cluster:
+                keep = cols >= 0
+                rows, cols = rows[keep], cols[keep]
+            counts = binning.count_rows(rows, cols, n_rows, n_units, dtype, out)
+            return counts, int(rows.size)
+        counts = binning.count_samples(np.asarray(t, dtype=np.int64), cols, row0, n_rows, n_units, spb, dtype, out,
+                                       times_checked=True)
+        return counts, (t.size if spikes.keeps_every_cluster else int(np.count_nonzero(cols >= 0)))
     except OverflowError:  # read_phy checked the last spike: a larger one earlier means unsorted times
         raise UnsortedSpikes(f"{spikes.times_path}: spike times are not sorted (near spike {a}); "
                              "sort spike_times and spike_clusters together (Kilosort writes them sorted)")
+
+
+def _columns(spikes: PhySpikes, clusters: np.ndarray) -> np.ndarray:
+    """The output column of each spike's cluster (S,), -1 for clusters not kept."""
+    lut = spikes.cluster_to_column
+    if lut is None:
+        ids = spikes.unit_ids
+        pos = np.minimum(np.searchsorted(ids, clusters), len(ids) - 1)
+        return np.where(ids[pos] == clusters, pos, -1)
+    if spikes.columns_are_ids:  # column = cluster id: no lookup, only a range check (the lookup's)
+        if clusters.size and (clusters.min() < 0 or clusters.max() >= len(lut)):
+            raise UserError(f"{spikes.clusters_path}: the file changed while it was being binned; run again")
+        return clusters
+    try:  # the lut covers every cluster id of the file (read_phy), ids are >= 0
+        return np.take(lut, clusters)  # take: 25% faster than lut[clusters] for int32 ids
+    except IndexError:
+        raise UserError(f"{spikes.clusters_path}: the file changed while it was being binned; run again") from None

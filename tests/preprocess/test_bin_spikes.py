@@ -13,7 +13,7 @@ import pytest
 import zarr
 
 from conftest import REPO, make_phy, shared_path
-from preprocess import bin_spikes
+from preprocess import bin_spikes, binning
 from preprocess.errors import run_cli
 from preprocess.store import SCHEMA, open_recording, unit_quality
 
@@ -62,6 +62,34 @@ def test_real_phy_good_units_50ms_equal_per_unit_histogram(tmp_path):
     # correctly rounded k * 1/20 (k * 0.05 in floats is off by an ulp for a third of the bins)
     np.testing.assert_array_equal(g["bin_start_s"][:], np.arange(counts.shape[0]) / 20)
     assert (g["trial"][:] == -1).all()
+
+
+@pytest.mark.parametrize("ids, units, times_dtype, rate", [
+    ([0, 1, 2, 3, 4, 5], "all", np.uint64, 30000),  # column = cluster id: no lookup
+    ([3, 9, 17, 40, 41, 60], "all", np.int64, 30000),  # every cluster kept, through the table
+    ([3, 9, 17, 40, 41, 60], "good", np.uint64, 30000),  # some clusters dropped
+    ([2, 70_000, 70_001, 90_000, 5, 6], "all", np.uint64, 30000),  # ids too large for a table: binary search
+    ([0, 1, 2, 3, 4, 5], "all", np.uint64, "29999.7"),  # fractional samples per bin: the general path
+])
+def test_every_column_lookup_and_sample_clock_is_exact(tmp_path, ids, units, times_dtype, rate):
+    times, clusters = make_phy(tmp_path / "phy", n_units=6, on_edges=40, bin_samples=300)
+    ids = np.array(ids, dtype=np.int32)
+    clusters = ids[clusters]
+    np.save(tmp_path / "phy" / "spike_clusters.npy", clusters)
+    np.save(tmp_path / "phy" / "spike_times.npy", times.astype(times_dtype)[:, None])
+    groups = ["good" if k % 3 else "mua" for k in range(len(ids))]
+    (tmp_path / "phy" / "cluster_group.tsv").write_text(
+        "cluster_id\tgroup\n" + "".join(f"{u}\t{g}\n" for u, g in zip(ids.tolist(), groups)))
+    g = run_ok([str(tmp_path / "phy"), "--out", str(tmp_path / "s.zarr"), "--bin-size", "0.01", "--units", units,
+                "--sample-rate", str(rate)])
+    kept = np.sort(ids if units == "all" else ids[[k for k, grp in enumerate(groups) if grp == "good"]])
+    assert g["units/id"][:].tolist() == kept.tolist()
+    counts = g["counts"][:]
+    spb = binning.to_fraction("0.01") * binning.to_fraction(str(rate))
+    edges = np.array([binning.first_sample(k, spb) for k in range(counts.shape[0] + 1)], dtype=np.int64)
+    ref = np.stack([np.histogram(times[clusters == u].astype(np.int64), bins=edges)[0] for u in kept], 1)
+    np.testing.assert_array_equal(counts, ref)
+    assert int(g.attrs["n_spikes"]) == int(np.isin(clusters, kept).sum())
 
 
 def test_edge_spikes_counted_once(tmp_path):

@@ -53,6 +53,35 @@ def test_count_samples_matches_reference(spikes, p, q, row0):
     np.testing.assert_array_equal(got, ref)
 
 
+@settings(max_examples=30, deadline=None)
+@given(spikes=st.lists(st.tuples(st.integers(0, 400), st.integers(-1, 4095)), max_size=300),
+       p=st.integers(1, 9), row0=st.integers(0, 5), checked=st.booleans())
+def test_count_samples_across_many_tiles(spikes, p, row0, checked):
+    """4096 columns: a tile is 16 rows, so a block spans many tiles (the in-place cells)."""
+    spb = Fraction(p)
+    spikes = sorted(spikes)
+    times = np.array([s[0] for s in spikes], dtype=np.int64)
+    units = np.array([s[1] for s in spikes], dtype=np.int32)
+    n_rows = binning.n_bins_for_samples(401, spb) - row0
+    lo, hi = binning.first_sample(row0, spb), binning.first_sample(row0 + n_rows, spb)
+    keep = (times >= lo) & (times < hi)
+    kept_times, kept_units = times[keep], units[keep]
+    before = kept_times.copy()
+    got = binning.count_samples(kept_times, kept_units, row0, n_rows, 4096, spb, np.uint16, times_checked=checked)
+    np.testing.assert_array_equal(got, reference_counts(times, units, 4096, spb, row0 + n_rows)[row0:])
+    np.testing.assert_array_equal(kept_times, before)  # the caller's times are never changed
+
+
+def test_unsorted_times_are_refused_unless_the_caller_checked_them():
+    times = np.array([5, 3], dtype=np.int64)
+    try:
+        binning.count_samples(times, np.zeros(2, dtype=np.int64), 0, 10, 1, Fraction(1))
+    except ValueError as err:
+        assert "not sorted" in str(err)
+    else:
+        raise AssertionError("unsorted times were counted")
+
+
 def test_seconds_binning_is_exact_against_stored_edges():
     b = Fraction(1, 10)
     edges = binning.bin_starts_s(0, 100, b)
