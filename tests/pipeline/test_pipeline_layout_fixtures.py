@@ -43,13 +43,17 @@ EXACT = ("step", "samples", "world_size", "learning_rate", "ema_momentum", "mini
 
 
 def assert_metrics_close(got: dict, expected: dict) -> None:
-    """Same keys; exact counts and schedules; other numbers within 2% (or 0.05 for ratios)."""
+    """Same keys; exact counts and schedules; losses within 2%; the statistics of the mined
+    pairs (which candidates top-k picks: float kernels that dispatch on the CPU move a few
+    picks, which moved the mean time gap by 2.4% on a new host with the code unchanged)
+    within 10%, and ratios within 0.05."""
     assert list(got) == list(expected)
     for key, want in expected.items():
         have = got[key]
         if key in EXACT or not isinstance(want, float):
             assert have == want, f"step {expected.get('step')}: {key} {have} != {want}"
         else:
-            tolerance = 0.05 if key.endswith("_ratio") else 0.02 * abs(want) + 1e-6
+            relative = 0.10 if key.startswith("mined_") else 0.02
+            tolerance = 0.05 if key.endswith("_ratio") else relative * abs(want) + 1e-6
             assert math.isfinite(have) and abs(have - want) <= tolerance, (
                 f"step {expected.get('step')}: {key} {have} vs {want}")
