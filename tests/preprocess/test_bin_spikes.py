@@ -13,7 +13,7 @@ import pytest
 import zarr
 
 from conftest import REPO, make_phy, shared_path
-from preprocess import bin_spikes, binning
+from preprocess import bin_spikes, binning, block_tasks
 from preprocess.errors import run_cli
 from preprocess.store import SCHEMA, open_recording, unit_quality
 
@@ -168,10 +168,10 @@ def test_overflowing_nwb_counts_are_rewritten_as_uint32(tmp_path):
 def test_opened_arrays_are_reused_within_an_attempt_only(tmp_path):
     url = str(tmp_path / "a.zarr")
     zarr.create_array(url, shape=(4,), dtype="uint16")
-    first = bin_spikes.opened_array(url, {}, "attempt-1")
-    assert bin_spikes.opened_array(url, {}, "attempt-1") is first
+    first = block_tasks.opened_array(url, {}, "attempt-1")
+    assert block_tasks.opened_array(url, {}, "attempt-1") is first
     zarr.create_array(url, shape=(4,), dtype="uint32", overwrite=True)
-    again = bin_spikes.opened_array(url, {}, "attempt-2")
+    again = block_tasks.opened_array(url, {}, "attempt-2")
     assert again is not first and again.dtype == np.uint32
 
 
@@ -186,6 +186,19 @@ def test_many_blocks_parallel_processes_exact(tmp_path):
     n_shards = -(-g["counts"].shape[0] // g["counts"].shards[0])
     assert n_shards >= 4
     np.testing.assert_array_equal(g["counts"][:], histogram(times, clusters, np.arange(200), g["counts"].shape[0], 30))
+
+
+def test_the_command_itself_runs_its_blocks_in_worker_processes(tmp_path):
+    """As ``python -m``, the command's module is __main__: its tasks must still pickle (a
+    thread-local cache reached from a __main__ function once made every block task fail)."""
+    times, clusters = make_phy(tmp_path / "phy", n_units=20, duration_s=60, rate_hz=5)
+    out = tmp_path / "s.zarr"
+    done = subprocess.run([sys.executable, "-m", "preprocess.bin_spikes", str(tmp_path / "phy"), "--out", str(out),
+                           "--bin-size", "0.01", "--units", "all", "--scheduler", "processes", "--workers", "2",
+                           "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    g = open_recording(str(out))
+    np.testing.assert_array_equal(g["counts"][:], histogram(times, clusters, np.arange(20), g["counts"].shape[0], 300))
 
 
 # --------------------------------------------------------------------------- npz and NWB
@@ -337,7 +350,7 @@ def test_failure_mid_write_on_object_storage_leaves_no_group(tmp_path, s3_bucket
     def broken(*a, **k):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(mod, "per_bin_block", broken)
+    monkeypatch.setattr(block_tasks, "per_bin_block", broken)
     import json
 
     with pytest.raises(RuntimeError):
