@@ -42,15 +42,21 @@ def test_fractional_samples_per_bin():
        p=st.integers(1, 700), q=st.integers(1, 7), row0=st.integers(0, 5))
 def test_count_samples_matches_reference(spikes, p, q, row0):
     spb = Fraction(p, q)
-    spikes = sorted(spikes)
-    times = np.array([s[0] for s in spikes], dtype=np.int64)
-    units = np.array([s[1] for s in spikes], dtype=np.int64)
-    n_rows = binning.n_bins_for_samples(5000, spb) - row0
-    lo, hi = binning.first_sample(row0, spb), binning.first_sample(row0 + n_rows, spb)
-    keep = (times >= lo) & (times < hi)
+    times, units, n_rows, keep = _block(spikes, spb, row0, 5000, np.int64)
     got = binning.count_samples(times[keep], units[keep], row0, n_rows, 4, spb)
     ref = reference_counts(times, units, 4, spb, row0 + n_rows)[row0:]
     np.testing.assert_array_equal(got, ref)
+
+
+def _block(spikes, spb: Fraction, row0: int, last_sample: int, unit_dtype):
+    """Sorted (times, units) of (time, unit) pairs, the block's rows from row0 to the bin of
+    last_sample, and which spikes lie in it."""
+    spikes = sorted(spikes)
+    times = np.array([s[0] for s in spikes], dtype=np.int64)
+    units = np.array([s[1] for s in spikes], dtype=unit_dtype)
+    n_rows = binning.n_bins_for_samples(last_sample, spb) - row0
+    lo, hi = binning.first_sample(row0, spb), binning.first_sample(row0 + n_rows, spb)
+    return times, units, n_rows, (times >= lo) & (times < hi)
 
 
 @settings(max_examples=30, deadline=None)
@@ -59,12 +65,7 @@ def test_count_samples_matches_reference(spikes, p, q, row0):
 def test_count_samples_across_many_tiles(spikes, p, row0, checked):
     """4096 columns: a tile is 16 rows, so a block spans many tiles (the in-place cells)."""
     spb = Fraction(p)
-    spikes = sorted(spikes)
-    times = np.array([s[0] for s in spikes], dtype=np.int64)
-    units = np.array([s[1] for s in spikes], dtype=np.int32)
-    n_rows = binning.n_bins_for_samples(401, spb) - row0
-    lo, hi = binning.first_sample(row0, spb), binning.first_sample(row0 + n_rows, spb)
-    keep = (times >= lo) & (times < hi)
+    times, units, n_rows, keep = _block(spikes, spb, row0, 401, np.int32)
     kept_times, kept_units = times[keep], units[keep]
     before = kept_times.copy()
     got = binning.count_samples(kept_times, kept_units, row0, n_rows, 4096, spb, np.uint16, times_checked=checked)
