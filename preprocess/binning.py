@@ -67,24 +67,35 @@ def count_samples(times: np.ndarray, unit_columns: np.ndarray, row0: int, n_rows
         out: optional C-contiguous (n_rows, n_units) array of ``dtype`` to count into (a
             buffer reused from block to block saves the page faults of a fresh one).
         times_checked: the caller has checked that ``times`` are sorted and inside the block
-            (the check is then not made again: a pass over every spike).
+            (the check is then not made again: a pass over every spike). Otherwise every
+            time, kept or dropped, is checked.
     Returns:
         (n_rows, n_units) counts of ``dtype`` (``out`` when given; :func:`count_rows`).
     Raises:
         BinOverflow: a bin holds more spikes than ``dtype`` can hold.
     """
     p, q = samples_per_bin.numerator, samples_per_bin.denominator
-    t = np.asarray(times).astype(np.int64, copy=False)
-    if t.size and int(t[-1]) * q >= _INT64_SAFE:
-        raise OverflowError("sample index x bin-size denominator overflows int64")
-    rows = (t * q) // p if q != 1 else t // p  # a new array: the in-place steps below never touch ``times``
-    rows -= row0
+    t = np.asarray(times)
+    s0 = first_sample(row0, samples_per_bin)
+    span = first_sample(row0 + n_rows, samples_per_bin) - s0
+    if not times_checked and t.size and (int(t[0]) < s0 or int(t[-1]) >= s0 + span or np.any(t[1:] < t[:-1])):
+        raise ValueError("spike times outside the block or not sorted")
+    if q == 1 and span < 2**31:
+        # whole samples per bin (the usual case): bin = (t - s0) // p exactly (s0 = row0 x p),
+        # in int32 from the times as given (one pass; half the bytes of int64 and a 4x faster
+        # division); the times are in [s0, s0 + span), so the offsets fit
+        rows = np.subtract(t, t.dtype.type(s0), out=np.empty(t.size, np.int32), casting="unsafe")
+        rows //= p
+    else:
+        t = t.astype(np.int64, copy=False)
+        if t.size and int(t[-1]) * q >= _INT64_SAFE:
+            raise OverflowError("sample index x bin-size denominator overflows int64")
+        rows = (t * q) // p if q != 1 else t // p  # a new array: the in-place steps below never touch ``times``
+        rows -= row0
     cols = np.asarray(unit_columns)
     keep = cols >= 0
     if not keep.all():
         rows, cols = rows[keep], cols[keep]
-    if not times_checked and rows.size and (rows[0] < 0 or rows[-1] >= n_rows or np.any(rows[1:] < rows[:-1])):
-        raise ValueError("spike times outside the block or not sorted")
     return count_rows(rows, cols, n_rows, n_units, dtype, out)
 
 

@@ -306,19 +306,8 @@ def count_phy_block(spikes: PhySpikes, row0: int, row1: int, n_units: int,
         raise UnsortedSpikes(f"{spikes.times_path}: spike times are not sorted (near spike {a}); "
                              "sort spike_times and spike_clusters together (Kilosort writes them sorted)")
     cols = _columns(spikes, c)
-    n_rows, spb = row1 - row0, spikes.samples_per_bin
     try:
-        if spb.denominator == 1 and s1 - s0 < 2**31 and n_rows * n_units < 2**31:
-            # whole samples per bin (the usual case): bin = (t - s0) // p exactly, computed in
-            # int32 from the checked view (half the bytes of int64, and a 4x faster division)
-            rows = np.subtract(t, t.dtype.type(s0), out=np.empty(t.size, np.int32), casting="unsafe")
-            rows //= spb.numerator
-            if not spikes.keeps_every_cluster:
-                keep = cols >= 0
-                rows, cols = rows[keep], cols[keep]
-            counts = binning.count_rows(rows, cols, n_rows, n_units, dtype, out)
-            return counts, int(rows.size)
-        counts = binning.count_samples(np.asarray(t, dtype=np.int64), cols, row0, n_rows, n_units, spb, dtype, out,
+        counts = binning.count_samples(t, cols, row0, row1 - row0, n_units, spikes.samples_per_bin, dtype, out,
                                        times_checked=True)
         return counts, (t.size if spikes.keeps_every_cluster else int(np.count_nonzero(cols >= 0)))
     except OverflowError:  # read_phy checked the last spike: a larger one earlier means unsorted times
