@@ -205,24 +205,18 @@ def test_frozen_encoder_batchnorm_stops_updating_after_the_given_epochs(store, t
     bn_keys = lambda state: {k: v for k, v in state.items() if k.startswith("encoder.") and "running_mean" in k}
     # constant schedules: the first 6 steps of a 6- and a 12-step run are then the same
     fixed = {"optim.lr_schedule": "constant", "optim.ema_schedule": "constant"}
+    freeze = {"train.freeze_encoder_bn_epochs": 0.75}  # the tiny store: 8 steps per epoch, so step 6
     runs = {}
-    for name, steps in (("at6", 6), ("at12", 12)):  # the tiny store: 8 steps per epoch, so 0.75 = step 6
-        cfg = build_config(overrides=tiny_overrides(store, tmp_path / name, steps=steps,
-                                                    **{"train.freeze_encoder_bn_epochs": 0.75}, **fixed))
-        train(cfg)
-        runs[name] = torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)["model"]
-    assert Plan.build(cfg, steps_per_epoch=8).encoder_bn_frozen_step == 6
-    frozen = bn_keys(runs["at12"])
-    assert frozen and all(torch.equal(frozen[k], bn_keys(runs["at6"])[k]) for k in frozen)  # no update after 6
-    free = bn_keys(torch.load(_trained(store, tmp_path / "free", 12, **fixed), weights_only=True)["model"])
-    assert not all(torch.equal(free[k], frozen[k]) for k in frozen)  # without the freeze they keep moving
+    for name, steps, extra in (("at6", 6, freeze), ("at12", 12, freeze), ("free", 12, {})):
+        train(build_config(overrides=tiny_overrides(store, tmp_path / name, steps=steps, **extra, **fixed)))
+        runs[name] = bn_keys(torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)["model"])
+    assert Plan.build(build_config(overrides=[f"{k}={v}" for k, v in freeze.items()]),
+                      steps_per_epoch=8).encoder_bn_frozen_step == 6
+    frozen = runs["at12"]
+    assert frozen and all(torch.equal(frozen[k], runs["at6"][k]) for k in frozen)  # no update after 6
+    assert not all(torch.equal(runs["free"][k], frozen[k]) for k in frozen)  # without the freeze they keep moving
     with pytest.raises(ConfigError, match="train.freeze_encoder_bn_epochs"):
         build_config(overrides=["train.freeze_encoder_bn_epochs=-1"])
-
-
-def _trained(store: str, run_dir: Path, steps: int, **extra) -> Path:
-    train(build_config(overrides=tiny_overrides(store, run_dir, steps=steps, **extra)))
-    return run_dir / "checkpoint.pt"
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
